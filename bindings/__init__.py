@@ -1,0 +1,82 @@
+"""fedmomentum: exact, fast FedMomentum aggregation of federated LoRA adapters.
+
+The public API is thin; the algorithms live in :mod:`fedmomentum_core` and the kernels in
+:mod:`fedmomentum_kernels`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+import fedmomentum_kernels as _kernels
+from fedmomentum_core import METHODS, SOLVERS, AggregationResult, LowRank
+from fedmomentum_core.methods import aggregate_layer as _aggregate_layer
+
+__version__ = "0.1.0"
+
+__all__ = ["aggregate_lora", "merge_residual_", "AggregationResult", "LowRank", "METHODS",
+           "SOLVERS", "__version__"]
+
+
+def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights=None, *,
+                   rank: Optional[int] = None, scalings=1.0, out_scaling: Optional[float] = None,
+                   method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
+                   split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
+                   generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
+                   tau: Optional[float] = None, name: Optional[str] = None) -> AggregationResult:
+    """Aggregate one layer's K client LoRA adapters.
+
+    Args:
+        B: K tensors, client k's lora_B (m x r_k). Ranks may differ across clients.
+        A: K tensors, client k's lora_A (r_k x n).
+        weights: K non-negative numbers (e.g. sample counts), normalised to sum 1; None = uniform.
+        rank: output rank r (default max r_k).
+        scalings: LoRA scale s_k per client (one float or K floats: α/r_k, or α/√r_k for rsLoRA).
+        out_scaling: s of the returned adapter; default the common s_k (ValueError if they differ).
+        method: one of ``fedmomentum.METHODS`` (fedmomentum, fedit, ffa_lora, fedsa_lora, flora,
+            fedex_lora, florist).
+        solver: ``auto`` (cost model in ``fedmomentum_core.planner.choose_solver``), ``exact``,
+            ``randomized`` or ``dense``.
+        residual: ``factored`` (a :class:`LowRank` in the compute dtype) or ``none``.
+        split: ``balanced`` (B = U√Σ/√s, A = √Σ Vᵀ/√s) or ``left`` (A = Vᵀ, B = UΣ/s).
+        compute_dtype: torch.float32 (default) or torch.float64; B and A come back in the input dtype.
+        generator: seeds the randomized sketch, fresh directions and re-initialisations.
+        residual_energy: τ ≤ 1; keep residual components up to cumulative energy τ of ‖ΔW‖², drop
+            the rest (the paper's three-way split; 1.0 = exact).
+        tau: energy threshold of ``florist`` (default 0.9).
+        name: the layer's name, used in error messages.
+
+    Returns:
+        :class:`AggregationResult` with ``out_scaling·B@A + residual.left@residual.right ==
+        Σ_k p_k s_k B_k A_k`` for the exact methods.
+    """
+    return _aggregate_layer(B, A, weights, rank=rank, scalings=scalings, out_scaling=out_scaling,
+                            method=method, solver=solver, residual=residual, split=split,
+                            compute_dtype=compute_dtype, generator=generator,
+                            residual_energy=residual_energy, tau=tau, name=name)
+
+
+def merge_residual_(W: torch.Tensor, residual: Optional[LowRank], alpha: float = 1.0) -> torch.Tensor:
+    """In place ``W += alpha · residual.left @ residual.right``; returns ``W``.
+
+    Accumulates in fp32 (fp64 for fp64 W) whatever W's dtype; uses the fused Triton kernel on
+    GPU. ``residual=None`` or rank 0 leaves W as it is. Raises (leaving W untouched) when the
+    shapes or devices do not match.
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"W must be a 2-D tensor, got {getattr(W, 'shape', type(W).__name__)}")
+    if not W.dtype.is_floating_point:
+        raise TypeError(f"W has dtype {W.dtype}; expected a floating dtype")
+    if residual is None or residual.rank == 0:
+        if residual is not None and residual.shape != tuple(W.shape):
+            raise ValueError(f"residual shape {residual.shape} does not match W {tuple(W.shape)}")
+        return W
+    if residual.shape != tuple(W.shape):
+        raise ValueError(f"residual is {residual.shape[0]} x {residual.shape[1]} "
+                         f"(left {tuple(residual.left.shape)}, right {tuple(residual.right.shape)}) "
+                         f"but W is {tuple(W.shape)}")
+    left, right = residual.left, residual.right
+    if left.device != W.device or right.device != W.device:
+        left, right = left.to(W.device), right.to(W.device)
+    return _kernels.lowrank_accumulate_(W, [left], [right], [float(alpha)])

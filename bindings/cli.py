@@ -1,0 +1,39 @@
+"""The ``fedmomentum`` command line (also ``python -m fedmomentum``).
+
+Each subcommand lives in its own module ``fedmomentum.cli_<name>`` exposing
+``register(subparsers)``, which adds its parser and sets ``func`` (a callable taking the
+parsed args and returning an exit code). Add a new subcommand by listing it here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+SUBCOMMANDS = ["demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="fedmomentum",
+        description="Exact, fast FedMomentum aggregation of federated LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"fedmomentum {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"fedmomentum.cli_{name}").register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fedmomentum {args.command}: error: {e}", file=sys.stderr)
+        return 1
