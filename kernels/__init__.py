@@ -26,6 +26,9 @@ __all__ = [
     "stacked_gram",
     "stacked_matmul",
     "stacked_matmul_t",
+    "batched_stacked_gram",
+    "batched_stacked_matmul",
+    "batched_stacked_matmul_t",
     "reference",
 ]
 
@@ -105,6 +108,23 @@ def stacked_matmul_t(factors: Sequence[torch.Tensor], coeffs: Sequence[float], s
                      mat: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``X_catᵀ @ mat`` without concatenating the factors (on the Triton path)."""
     return _impl("stacked_matmul_t", factors[0].device)(factors, coeffs, side, mat, dtype)
+
+
+def batched_stacked_gram(factors, coeffs, side: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L x T x T Grams of L same-shaped layers (``factors[l]`` is layer l's per-client list)."""
+    return _impl("batched_stacked_gram", factors[0][0].device)(factors, coeffs, side, dtype)
+
+
+def batched_stacked_matmul(factors, coeffs, side: str, mats: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``X_cat[l] @ mats[l]`` for the L layers of a batch."""
+    return _impl("batched_stacked_matmul", factors[0][0].device)(factors, coeffs, side, mats, dtype)
+
+
+def batched_stacked_matmul_t(factors, coeffs, side: str, mats: torch.Tensor,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``X_cat[l]ᵀ @ mats[l]`` for the L layers of a batch."""
+    return _impl("batched_stacked_matmul_t", factors[0][0].device)(factors, coeffs, side, mats, dtype)
 
 
 def _check_accumulate(out, lefts, rights, coeffs) -> None:

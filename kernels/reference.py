@@ -25,6 +25,9 @@ __all__ = [
     "stacked_gram",
     "stacked_matmul",
     "stacked_matmul_t",
+    "batched_stacked_gram",
+    "batched_stacked_matmul",
+    "batched_stacked_matmul_t",
 ]
 
 
@@ -77,3 +80,31 @@ def stacked_matmul_t(factors: Sequence[torch.Tensor], coeffs: Sequence[float], s
     """``X_catᵀ @ mat``: left side T x m times m x l -> T x l; right side n x T times T x l -> n x l."""
     _check_side(side)
     return _stack(factors, coeffs, side, dtype).T @ mat.to(dtype)
+
+
+# ----------------------------------------------------------------------------- batched by shape
+# A batch is L layers of one shape; layer l has its own per-client factors and coefficients
+# (the same number of clients and the same t_k in every layer of a batch).
+
+def batched_stacked_gram(factors: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
+                         side: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L x T x T: :func:`stacked_gram` of every layer of the batch."""
+    _check_side(side)
+    x = torch.stack([_stack(f, c, side, dtype) for f, c in zip(factors, coeffs)])
+    return x.transpose(1, 2) @ x if side == "left" else x @ x.transpose(1, 2)
+
+
+def batched_stacked_matmul(factors, coeffs, side: str, mats: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L x ... : ``X_cat[l] @ mats[l]`` for every layer l."""
+    _check_side(side)
+    x = torch.stack([_stack(f, c, side, dtype) for f, c in zip(factors, coeffs)])
+    return x @ mats.to(dtype)
+
+
+def batched_stacked_matmul_t(factors, coeffs, side: str, mats: torch.Tensor,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L x ... : ``X_cat[l]ᵀ @ mats[l]`` for every layer l."""
+    _check_side(side)
+    x = torch.stack([_stack(f, c, side, dtype) for f, c in zip(factors, coeffs)])
+    return x.transpose(1, 2) @ mats.to(dtype)
