@@ -29,7 +29,7 @@ from .solvers import SOLVERS, stacked_pair
 from .types import AggregationResult, LowRank, SVDFactors
 from .validate import LayerInput, layer_prefix, validate_layer
 
-__all__ = ["METHODS", "register_method", "aggregate_layer", "Options"]
+__all__ = ["METHODS", "register_method", "aggregate_layer", "aggregate_layers", "Options", "BATCH_BYTES"]
 
 _RESIDUAL_MODES = ("factored", "none")
 _SPLITS = ("balanced", "left")
@@ -152,8 +152,14 @@ def _rebuild(inp: LayerInput, opt: Options, svd: SVDFactors, r: int, *, residual
         reach = int(torch.searchsorted(cum, torch.tensor([need], dtype=torch.float64)).item()) + 1
         tail_idx_end = max(nl, min(kU, reach))
         dropped_energy = max(0.0, total - float(cum[tail_idx_end - 1])) if tail_idx_end > 0 else total
+    # components with σ ≤ σ_max·eps(compute) carry nothing measurable (rank-deficient stacks)
+    live_tail = int((S64[nl:tail_idx_end] > smax * torch.finfo(dt).eps).sum()) if smax > 0 else 0
+    tail_idx_end = nl + live_tail
     sl = slice(nl, tail_idx_end)
-    tail = LowRank(svd.U[:, sl] * svd.S[sl].to(dt)[None, :], svd.V[:, sl].T.contiguous())
+    if svd.SV is not None:
+        tail = LowRank(svd.U[:, sl], svd.SV[:, sl].T.contiguous())
+    else:
+        tail = LowRank(svd.U[:, sl] * svd.S[sl].to(dt)[None, :], svd.V[:, sl].T.contiguous())
     resid = _cat_lowrank([tail, svd.remainder], inp.m, inp.n, dt, inp.device)
     dropped = dropped_energy / total if total > 0 else 0.0
     return B, A, resid, min(kept, 1.0), dropped
@@ -218,6 +224,11 @@ def fedmomentum(inp: LayerInput, opt: Options) -> AggregationResult:
     keep_tail = opt.residual == "factored"
     full = opt.residual_energy < 1.0
     svd = _run_solver(inp, opt, full_spectrum=full, need_tail=keep_tail)
+    return _fedmomentum_result(inp, opt, svd)
+
+
+def _fedmomentum_result(inp: LayerInput, opt: Options, svd: SVDFactors) -> AggregationResult:
+    keep_tail = opt.residual == "factored"
     B, A, resid, kept, dropped = _rebuild(inp, opt, svd, opt.rank,
                                           residual_energy=opt.residual_energy, keep_tail=keep_tail)
     return _finish(inp, opt, B=B, A=A, residual=resid, sv=svd.S, kept=kept,
@@ -329,13 +340,8 @@ def fedex_lora(inp: LayerInput, opt: Options) -> AggregationResult:
 
 # ----------------------------------------------------------------------------- entry point
 
-def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=None,
-                    method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
-                    split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
-                    generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
-                    tau: Optional[float] = None, name: Optional[str] = None) -> AggregationResult:
-    """Aggregate one layer's K client LoRA factors (see ``fedmomentum.aggregate_lora``)."""
-    pre = layer_prefix(name)
+def _options(method, solver, residual, split, compute_dtype, residual_energy, tau, generator,
+             pre: str) -> None:
     if method not in METHODS:
         raise ValueError(f"{pre}unknown method {method!r}; choose one of {sorted(METHODS)}")
     if solver not in _SOLVER_NAMES:
@@ -352,7 +358,9 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
         raise ValueError(f"{pre}tau must be in (0, 1], got {tau}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{pre}generator must be a torch.Generator, got {type(generator).__name__}")
-    inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name)
+
+
+def _resolve_rank(rank, inp: LayerInput, pre: str) -> int:
     if rank is None:
         r = max(inp.ranks)
     else:
@@ -363,6 +371,92 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
         raise ValueError(f"{pre}rank must be >= 1, got {r}")
     if r > min(inp.m, inp.n):
         raise ValueError(f"{pre}rank {r} exceeds min(m, n) = {min(inp.m, inp.n)} for a {inp.m} x {inp.n} layer")
+    return r
+
+
+#: stacked-factor bytes one batched exact call may hold (the batch is split to stay under it)
+BATCH_BYTES = 256 * 2 ** 20
+
+
+def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.0, out_scaling=None,
+                     method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
+                     split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
+                     generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
+                     tau: Optional[float] = None) -> list[AggregationResult]:
+    """Aggregate several layers at once; same-shaped layers share batched work.
+
+    ``layers`` is a sequence of ``(B_list, A_list)`` pairs; ``weights``, ``scalings`` and
+    ``out_scaling`` apply to every layer (for per-layer scalings call :func:`aggregate_layer`
+    per layer, or group layers that share them).
+    FedMomentum layers whose solver resolves to ``exact`` are grouped by (m, n, client ranks,
+    dtype, device) and solved with :func:`~fedmomentum_core.solvers.solve_exact_batch` in chunks of
+    at most :data:`BATCH_BYTES` of stacked factors (one GEMM per layer per step, the R x R
+    factorisations batched in torch.linalg). Everything else runs layer by layer. Results are in
+    input order and equal the per-layer results up to float rounding.
+    """
+    from .solvers import solve_exact_batch
+
+    layers = list(layers)
+    names = list(names) if names is not None else [None] * len(layers)
+    if len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers")
+    kw = dict(rank=rank, scalings=scalings, out_scaling=out_scaling, method=method, solver=solver,
+              residual=residual, split=split, compute_dtype=compute_dtype, generator=generator,
+              residual_energy=residual_energy, tau=tau)
+    _options(method, solver, residual, split, compute_dtype, residual_energy, tau, generator, "")
+    results: list[Optional[AggregationResult]] = [None] * len(layers)
+    groups: dict = {}
+    prepared = []
+    for i, ((B, A), nm) in enumerate(zip(layers, names)):
+        pre = layer_prefix(nm)
+        inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=nm)
+        r = _resolve_rank(rank, inp, pre)
+        prepared.append((inp, r))
+        batchable = method == "fedmomentum" and residual_energy >= 1.0
+        if batchable:
+            chosen = solver if solver != "auto" else choose_solver(
+                inp.m, inp.n, inp.R, r, need_tail=residual == "factored", full_spectrum=False)
+            batchable = chosen == "exact"
+        if batchable:
+            key = (inp.m, inp.n, tuple(inp.ranks), inp.dtype, str(inp.device), r)
+            groups.setdefault(key, []).append(i)
+        else:
+            results[i] = aggregate_layer(B, A, weights, name=nm, **kw)
+    for key, idxs in groups.items():
+        m, n, ranks, _, _, r = key
+        per_layer = (m + n) * sum(ranks) * torch.finfo(compute_dtype).bits // 8
+        chunk = max(1, BATCH_BYTES // max(1, per_layer))
+        for c0 in range(0, len(idxs), chunk):
+            part = idxs[c0:c0 + chunk]
+            t0 = time.perf_counter()
+            inps = [prepared[i][0] for i in part]
+            svds = solve_exact_batch(inps, r, dtype=compute_dtype, need_tail=residual == "factored")
+            for i, svd in zip(part, svds):
+                inp = prepared[i][0]
+                opt = Options(rank=r, solver="exact", residual=residual, split=split,
+                              compute_dtype=compute_dtype, generator=generator,
+                              residual_energy=float(residual_energy), tau=tau,
+                              prefix=layer_prefix(inp.name))
+                res = _fedmomentum_result(inp, opt, svd)
+                res.info["R"] = inp.R
+                results[i] = res
+            dt = (time.perf_counter() - t0) / len(part)
+            for i in part:
+                results[i].info["seconds"] = dt
+                results[i].info["batched"] = len(part)
+    return results  # type: ignore[return-value]
+
+
+def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=None,
+                    method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
+                    split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
+                    generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
+                    tau: Optional[float] = None, name: Optional[str] = None) -> AggregationResult:
+    """Aggregate one layer's K client LoRA factors (see ``fedmomentum.aggregate_lora``)."""
+    pre = layer_prefix(name)
+    _options(method, solver, residual, split, compute_dtype, residual_energy, tau, generator, pre)
+    inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name)
+    r = _resolve_rank(rank, inp, pre)
     opt = Options(rank=r, solver=solver, residual=residual, split=split, compute_dtype=compute_dtype,
                   generator=generator, residual_energy=float(residual_energy), tau=tau, prefix=pre)
     t0 = time.perf_counter()

@@ -104,65 +104,223 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+# ----------------------------------------------------------------------------- exact (batched)
+
+class StackedBatch:
+    """L same-shaped layers' stacked factors for one side, coefficients applied on the small side.
+
+    ``X_l = X_raw_l · diag(c_l)`` where X_raw_l is the tall (m x R or n x R) concatenation of layer
+    l's client factors (formed once, cast to the compute dtype in the same pass) and c_l the
+    per-column coefficients; Grams and products scale the R x R / R x k operands by c instead of
+    touching the big factors. On the Triton backend the per-client factors are read through
+    pointer tables by the batched kernels instead.
+    """
+
+    def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype):
+        self.side, self.dtype = side, dtype
+        self.layers = layers
+        self.c = coeffs  # L x R, fp64
+        inp0 = layers[0]
+        self.device = inp0.device
+        self.rows = inp0.m if side == "left" else inp0.n
+        self.R = inp0.R
+        self.backend = K.select_backend(self.device)
+        self.raw = None
+        if self.backend == "torch":
+            # left: L x m x R (interleaving copy); right: L x R x n (row blocks: plain memcpy),
+            # used through transposed views so the A side is never transposed in memory.
+            if side == "left":
+                raw = torch.empty(len(layers), self.rows, self.R, dtype=dtype, device=self.device)
+            else:
+                raw = torch.empty(len(layers), self.R, self.rows, dtype=dtype, device=self.device)
+            for li, inp in enumerate(layers):
+                off = 0
+                for t in (inp.B if side == "left" else inp.A):
+                    if side == "left":
+                        raw[li, :, off:off + t.shape[1]].copy_(t)
+                        off += t.shape[1]
+                    else:
+                        raw[li, off:off + t.shape[0]].copy_(t)
+                        off += t.shape[0]
+            self.raw = raw
+
+    def _tall(self, li: int) -> torch.Tensor:
+        """Layer li's raw tall stack (rows x R), a view."""
+        return self.raw[li] if self.side == "left" else self.raw[li].T
+
+    def _lists(self):
+        facs = [(inp.B if self.side == "left" else inp.A) for inp in self.layers]
+        return facs
+
+    def gram(self) -> torch.Tensor:
+        """L x R x R Gram of the weighted stack, fp64."""
+        if self.raw is not None:
+            G = torch.empty(self.raw.shape[0], self.R, self.R, dtype=self.dtype, device=self.device)
+            for li in range(self.raw.shape[0]):  # 2-D GEMMs: faster than bmm on CPU
+                x = self._tall(li)
+                torch.mm(x.T, x, out=G[li])
+            return G.to(torch.float64) * self.c[:, :, None] * self.c[:, None, :]
+        ones = [[1.0] * inp.K for inp in self.layers]
+        G = K.batched_stacked_gram(self._lists(), ones, self.side, self.dtype).to(torch.float64)
+        return G * self.c[:, :, None] * self.c[:, None, :]
+
+    def tall_apply(self, mat: torch.Tensor) -> torch.Tensor:
+        """X_l @ mat_l for every layer (mat: L x R x k, fp64) -> L x rows x k in the compute dtype."""
+        scaled = (mat * self.c[:, :, None]).to(self.dtype)
+        if self.raw is not None:
+            out = torch.empty(scaled.shape[0], self.rows, scaled.shape[2], dtype=self.dtype,
+                              device=self.device)
+            for li in range(scaled.shape[0]):
+                torch.mm(self._tall(li), scaled[li], out=out[li])
+            return out
+        ones = [[1.0] * inp.K for inp in self.layers]
+        if self.side == "left":
+            return K.batched_stacked_matmul(self._lists(), ones, "left", scaled, self.dtype)
+        return K.batched_stacked_matmul_t(self._lists(), ones, "right", scaled, self.dtype)
+
+    def tall_dense(self, li: int) -> torch.Tensor:
+        """Layer li's weighted tall stack (rows x R), explicit (for the QR fallback)."""
+        if self.raw is not None:
+            return self._tall(li) * self.c[li].to(self.dtype)[None, :]
+        inp = self.layers[li]
+        facs = inp.B if self.side == "left" else inp.A
+        ones = [1.0] * inp.K
+        x = _ref._stack(facs, ones, self.side, self.dtype)
+        x = x if self.side == "left" else x.T
+        return x * self.c[li].to(self.dtype)[None, :]
+
+
+def _column_coeffs(layers: list[LayerInput], side: str) -> torch.Tensor:
+    """Per-column coefficients c (B side: sign(c_k)√|c_k|, A side: √|c_k|), L x R fp64."""
+    rows = []
+    for inp in layers:
+        col = []
+        for c, r in zip(inp.coeffs, inp.ranks):
+            v = math.sqrt(abs(c))
+            col += [math.copysign(v, c) if side == "left" else v] * r
+        rows.append(col)
+    return torch.tensor(rows, dtype=torch.float64, device=layers[0].device)
+
+
 @dataclass
-class _Basis:
-    """X (tall) = Q L, Q = X·T (implicit) or explicit Q; L is k x R (fp64)."""
+class _BatchBasis:
+    """Tall X_l = Q_l L_l. Cholesky-QR: Q_l = X_l T_l implicit; QR fallback: explicit Q_l."""
 
-    L: torch.Tensor
-    T: Optional[torch.Tensor] = None
-    Q: Optional[torch.Tensor] = None
-    method: str = "gram"
+    L: torch.Tensor  # L x k x R fp64 (k = R for Cholesky)
+    T: Optional[torch.Tensor]  # L x R x k fp64 (None where every layer uses QR)
+    Q: dict  # layer index -> explicit Q (rows x k) for the layers that fell back to QR
+    methods: list
 
-    def apply(self, st: Stacked, mat: torch.Tensor) -> torch.Tensor:
-        """Q @ mat (mat is k x l, fp64) in the compute dtype."""
-        if self.Q is not None:
-            return self.Q @ mat.to(self.Q.dtype)
-        return st.tall_apply(self.T @ mat)
+    def apply(self, st: StackedBatch, mat: torch.Tensor) -> torch.Tensor:
+        """Q_l @ mat_l for every layer (mat L x k x l fp64) -> L x rows x l."""
+        if not self.Q:
+            return st.tall_apply(self.T @ mat)
+        out = torch.empty(mat.shape[0], st.rows, mat.shape[2], dtype=st.dtype, device=st.device)
+        chol = [i for i in range(mat.shape[0]) if i not in self.Q]
+        if chol:
+            idx = torch.tensor(chol, device=mat.device)
+            sub = StackedBatch.__new__(StackedBatch)
+            sub.__dict__.update(st.__dict__)
+            sub.layers = [st.layers[i] for i in chol]
+            sub.c = st.c[idx]
+            sub.raw = st.raw[idx] if st.raw is not None else None
+            out[idx] = sub.tall_apply(self.T[idx] @ mat[idx])
+        for i, Q in self.Q.items():
+            out[i] = Q @ mat[i, :Q.shape[1]].to(Q.dtype)
+        return out
 
 
-def _basis(st: Stacked, gram_tol: float) -> _Basis:
-    G = st.gram().to(torch.float64)
-    G = 0.5 * (G + G.T)
-    d = torch.sqrt(torch.clamp(torch.diagonal(G), min=0.0))
+def _batch_basis(st: StackedBatch, gram_tol: float) -> _BatchBasis:
+    """Cholesky-QR on the Jacobi-equilibrated Gram; Householder QR where it is ill-conditioned.
+
+    Equilibration: Gs = D⁻¹ G D⁻¹ with D = √diag(G); all-zero columns (clients whose factor is
+    zero, or weight 0) get Gs_ii = 1 and contribute nothing since L = R_x D has a zero column there.
+    A layer falls back to QR when the Cholesky fails or (min R_ii / max R_ii)² < ``gram_tol``
+    (an estimate of 1/κ(Gs); the loss of orthogonality of Cholesky-QR is ~eps·κ(Gs))."""
+    G = st.gram()
+    G = 0.5 * (G + G.transpose(1, 2))
+    d = torch.sqrt(torch.clamp(torch.diagonal(G, dim1=1, dim2=2), min=0.0))  # L x R
     nz = d > 0
     dinv = torch.where(nz, 1.0 / torch.where(nz, d, torch.ones_like(d)), torch.zeros_like(d))
-    Gs = G * dinv[:, None] * dinv[None, :]
-    lam, V = torch.linalg.eigh(Gs)
-    lmax = float(lam[-1]) if lam.numel() else 0.0
-    if lmax > 0 and bool(nz.all()) and float(lam[0]) > gram_tol * lmax:
-        sq = torch.sqrt(lam)
-        T = (dinv[:, None] * V) / sq[None, :]
-        L = sq[:, None] * V.T * d[None, :]
-        return _Basis(L=L, T=T, method="gram")
-    # Fallback: Householder QR of the equilibrated tall matrix (stable for any conditioning).
-    X = st.tall_dense()
-    Xs = X * dinv.to(X.dtype)[None, :]
-    Q, Rr = torch.linalg.qr(Xs, mode="reduced")
-    L = Rr.to(torch.float64) * d[None, :]
-    return _Basis(L=L, Q=Q, method="qr")
+    Gs = G * dinv[:, :, None] * dinv[:, None, :]
+    Gs = Gs + torch.diag_embed((~nz).to(Gs.dtype))
+    Lc, info = torch.linalg.cholesky_ex(Gs)  # Gs = Lc Lcᵀ, upper factor Rx = Lcᵀ
+    diag = torch.diagonal(Lc, dim1=1, dim2=2)
+    ratio = (diag.min(dim=1).values / diag.max(dim=1).values) ** 2
+    bad = (info != 0) | ~(ratio > gram_tol) | ~torch.isfinite(ratio)
+    Rx = Lc.transpose(1, 2)
+    eye = torch.eye(Rx.shape[1], dtype=Rx.dtype, device=Rx.device).expand_as(Rx)
+    good = ~bad
+    Rinv = torch.where(good[:, None, None], Rx, eye)
+    Rinv = torch.linalg.solve_triangular(Rinv, eye, upper=True)
+    T = dinv[:, :, None] * Rinv  # X T = X D⁻¹ Rx⁻¹ = Q
+    Lmat = Rx * d[:, None, :]
+    Qs: dict = {}
+    methods = ["cholesky"] * G.shape[0]
+    if bool(bad.any()):
+        Lmat = Lmat.clone()
+        for i in torch.nonzero(bad).flatten().tolist():
+            X = st.tall_dense(i)
+            Xs = X * dinv[i].to(X.dtype)[None, :]
+            Q, Rr = torch.linalg.qr(Xs, mode="reduced")
+            Lq = Rr.to(torch.float64) * d[i][None, :]
+            k = Lq.shape[0]
+            Lmat[i].zero_()
+            Lmat[i, :k] = Lq
+            if k < Lmat.shape[1]:  # pad Q so that every layer's basis has R columns
+                Q = torch.cat([Q, torch.zeros(Q.shape[0], Lmat.shape[1] - k, dtype=Q.dtype,
+                                              device=Q.device)], 1)
+            Qs[i] = Q
+            methods[i] = "qr"
+    return _BatchBasis(L=Lmat, T=T, Q=Qs, methods=methods)
+
+
+def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype = torch.float32,
+                      need_tail: bool = True, gram_tol: Optional[float] = None) -> list[SVDFactors]:
+    """Exact SVD of ΔW_l = B_cat,l A_cat,l for L layers of one shape (same m, n, client ranks).
+
+    1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side; Grams (the only
+       (m+n)·R² work), Jacobi-equilibrated Cholesky-QR ``X = Q L`` with Q implicit (X·T);
+       Householder QR fallback per layer when ill-conditioned (see :func:`_batch_basis`).
+    2. Core C = L_B L_Aᵀ (R x R, fp64); ``eigh(C Cᵀ) = U_c Λ U_cᵀ``, σ = √λ (fp64, so squaring
+       costs nothing at fp32 accuracy).
+    3. ΔW = Q_B C Q_Aᵀ = Σ_i (Q_B u_i)(Q_A Cᵀ u_i)ᵀ: U = Q_B U_c and the right factors Q_A Cᵀ U_c
+       (= σ_i V_i) formed with one (m+n)·R·k product each side; V_i = (Q_A Cᵀ u_i)/σ_i for σ_i > 0.
+       The identity holds for every σ, zero included, so the residual is exact whatever the
+       conditioning.
+    ``need_tail=False`` forms only the top ``rank`` columns. Never allocates m x n.
+    """
+    if gram_tol is None:
+        gram_tol = 1e-9 if dtype == torch.float64 else 1e-3
+    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype)
+    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype)
+    bb = _batch_basis(Bs, gram_tol)
+    ba = _batch_basis(As, gram_tol)
+    C = bb.L @ ba.L.transpose(1, 2)  # L x R x R
+    lam, W = torch.linalg.eigh(C @ C.transpose(1, 2))
+    lam = torch.flip(lam, dims=[1]).clamp_min(0.0)
+    W = torch.flip(W, dims=[2])
+    S = torch.sqrt(lam)  # L x R descending
+    k = S.shape[1] if need_tail else min(rank, S.shape[1])
+    Uc = W[:, :, :k]
+    U = bb.apply(Bs, Uc)  # L x m x k
+    SV = ba.apply(As, C.transpose(1, 2) @ Uc)  # L x n x k, columns σ_i v_i
+    out = []
+    for li in range(len(layers)):
+        s = S[li]
+        inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
+                          torch.zeros_like(s[:k]))
+        V = SV[li] * inv.to(dtype)[None, :]
+        out.append(SVDFactors(U=U[li], S=s.to(dtype), V=V, total_energy=float(lam[li].sum()),
+                              solver="exact", remainder=None, SV=SV[li],
+                              info={"basis": (bb.methods[li], ba.methods[li])}))
+    return out
 
 
 def solve_exact(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.float32,
                 need_tail: bool = True, gram_tol: Optional[float] = None, **_) -> SVDFactors:
-    """Exact thin SVD of ΔW from the stacked factors; O((m+n)R² + R³), no m x n allocation.
-
-    ``need_tail=False`` forms only the top ``rank`` singular vectors (U, V have ``rank`` columns,
-    S holds all singular values). ``gram_tol`` (default 1e-3 in fp32, 1e-9 in fp64) is the
-    λ_min/λ_max of the equilibrated Gram under which a side falls back to Householder QR.
-    """
-    Bs, As = stacked_pair(inp, dtype)
-    if gram_tol is None:
-        gram_tol = 1e-9 if dtype == torch.float64 else 1e-3
-    bb = _basis(Bs, gram_tol)
-    ba = _basis(As, gram_tol)
-    core = bb.L @ ba.L.T
-    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    total = float((S ** 2).sum())
-    k = S.numel() if need_tail else min(rank, S.numel())
-    U = bb.apply(Bs, Uc[:, :k])
-    V = ba.apply(As, Vch[:k].T)
-    return SVDFactors(U=U, S=S.to(dtype), V=V, total_energy=total,
-                      solver="exact", remainder=None)
+    """Exact thin SVD of one layer's ΔW from the stacked factors (see :func:`solve_exact_batch`)."""
+    return solve_exact_batch([inp], rank, dtype=dtype, need_tail=need_tail, gram_tol=gram_tol)[0]
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:

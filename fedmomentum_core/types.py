@@ -65,6 +65,10 @@ class SVDFactors:
     #: the exact remainder ΔW − U S Vᵀ when the solver cannot give a full SVD (randomized):
     #: left/right factors in the compute dtype, or None when U S Vᵀ is the whole ΔW.
     remainder: Optional[LowRank] = None
+    #: n x k with columns σ_i v_i (exact solver). The residual tail uses (U_i, σ_i v_i) so that it
+    #: stays exact for tiny or zero σ_i, where v_i = (σ_i v_i)/σ_i is ill-defined.
+    SV: Optional[torch.Tensor] = None
+    info: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
