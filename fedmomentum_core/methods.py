@@ -214,7 +214,8 @@ def _full_lowrank(inp: LayerInput, dtype) -> LowRank:
 
 @register_method("fedmomentum")
 def fedmomentum(inp: LayerInput, opt: Options) -> AggregationResult:
-    """FedMomentum (arXiv 2603.08014, "Preserving LoRA Training Momentum in Federated Fine-Tuning").
+    """FedMomentum (arXiv 2603.08014, 2026, "FedMomentum: Preserving LoRA Training Momentum in
+    Federated Fine-Tuning").
 
     The exact ΔW = Σ p_k s_k B_k A_k, its SVD, the top r rebuilt as same-rank B, A (balanced split
     by default) so clients keep training them; the remaining components are the residual, merged

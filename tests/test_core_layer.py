@@ -1,0 +1,248 @@
+"""aggregate_lora against the independent float64 dense reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fedmomentum as fm
+from conftest import make_clients, reference_delta, rel_err
+
+SOLVERS = ["exact", "randomized", "dense"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("shape,ranks", [((96, 80), [8, 8, 8]), ((63, 37), [8]), ((120, 70), [4, 8, 16, 2])])
+def test_invariant_every_solver(solver, shape, ranks):
+    m, n = shape
+    B, A = make_clients(m, n, ranks, seed=1)
+    w = list(range(1, len(ranks) + 1))
+    ref = reference_delta(B, A, w, 0.5)
+    res = fm.aggregate_lora(B, A, w, scalings=0.5, solver=solver)
+    assert res.solver == solver
+    assert res.B.shape == (m, max(ranks)) and res.A.shape == (max(ranks), n)
+    assert res.exact
+    assert rel_err(res.delta(), ref) < 2e-6
+    # the residual alone is the exact remainder
+    top = res.out_scaling * (res.B.double() @ res.A.double())
+    gap = res.residual.to_dense(torch.float64) - (ref - top)
+    assert float(gap.norm()) < 2e-6 * float(ref.norm())
+
+
+@pytest.mark.parametrize("solver", ["exact", "dense"])
+def test_singular_values_and_top_r(solver):
+    m, n, r = 150, 110, 6
+    B, A = make_clients(m, n, [6, 6, 6, 6], seed=2)
+    w = [3, 1, 1, 2]
+    ref = reference_delta(B, A, w, 2.0)
+    U, S, Vh = torch.linalg.svd(ref)
+    res = fm.aggregate_lora(B, A, w, scalings=2.0, solver=solver, rank=r)
+    k = len(res.singular_values)
+    assert k >= 24 or solver == "dense"
+    assert torch.allclose(res.singular_values[:24].double(), S[:24], rtol=0, atol=1e-5 * float(S[0]))
+    assert float(S[r - 1] / S[r]) > 1.1  # well-separated: the top-r subspace is unique
+    top_ref = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+    top = 2.0 * res.B.double() @ res.A.double()
+    assert rel_err(top, top_ref) < 1e-5
+    energy = float((S[:r] ** 2).sum() / (S ** 2).sum())
+    assert res.energy_kept == pytest.approx(energy, rel=1e-5)
+
+
+def test_balanced_and_left_split():
+    B, A = make_clients(80, 60, [5, 5, 5], seed=3)
+    s = 4.0
+    bal = fm.aggregate_lora(B, A, scalings=s, split="balanced", solver="exact")
+    left = fm.aggregate_lora(B, A, scalings=s, split="left", solver="exact")
+    sv = bal.singular_values[:5].double()
+    # balanced: B = U√Σ/√s, A = √Σ Vᵀ/√s -> column norms of B equal row norms of A = √(σ/s)
+    assert torch.allclose(bal.B.double().norm(dim=0), (sv / s).sqrt(), rtol=1e-4)
+    assert torch.allclose(bal.A.double().norm(dim=1), (sv / s).sqrt(), rtol=1e-4)
+    # left: A has orthonormal rows, B = UΣ/s
+    AAt = left.A.double() @ left.A.double().T
+    assert torch.allclose(AAt, torch.eye(5, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(left.B.double().norm(dim=0), sv / s, rtol=1e-4)
+    assert rel_err(s * left.B.double() @ left.A.double(), s * bal.B.double() @ bal.A.double()) < 1e-5
+
+
+def test_heterogeneous_ranks_and_scalings():
+    ranks = [2, 4, 8, 16]
+    B, A = make_clients(70, 90, ranks, seed=4)
+    scal = [16 / r for r in ranks]  # alpha / r_k with alpha = 16
+    ref = reference_delta(B, A, [1, 1, 2, 2], scal)
+    with pytest.raises(ValueError, match="different LoRA scalings"):
+        fm.aggregate_lora(B, A, [1, 1, 2, 2], scalings=scal)
+    res = fm.aggregate_lora(B, A, [1, 1, 2, 2], scalings=scal, out_scaling=1.0, rank=8)
+    assert res.B.shape == (70, 8) and res.out_scaling == 1.0
+    assert rel_err(res.delta(), ref) < 2e-6
+
+
+@pytest.mark.parametrize("shared", ["exact", 1e-6, 1e-3])
+def test_clients_sharing_A(shared):
+    """Shared A init makes A_cat (nearly) rank-deficient: the Gram route must fall back."""
+    B, A = make_clients(200, 150, [8, 8, 8, 8, 8], seed=5, shared_A=shared)
+    ref = reference_delta(B, A)
+    res = fm.aggregate_lora(B, A, solver="exact")
+    assert rel_err(res.delta(), ref) < 2e-6
+    S = torch.linalg.svdvals(ref)
+    assert torch.allclose(res.singular_values[:8].double(), S[:8], atol=1e-5 * float(S[0]), rtol=0)
+    if shared == "exact":  # ΔW = (Σ p B_k) A_0 has rank 8: everything fits in the adapter
+        assert res.energy_kept == pytest.approx(1.0, abs=1e-6)
+        assert res.residual.rank == 0 or float(res.residual.to_dense().norm()) < 1e-5 * float(ref.norm())
+
+
+def test_stack_wider_than_layer():
+    """R >= min(m, n): auto picks dense; exact (forced) still gives the exact answer."""
+    B, A = make_clients(40, 30, [8] * 6, seed=6)
+    ref = reference_delta(B, A)
+    auto = fm.aggregate_lora(B, A)
+    assert auto.solver == "dense"
+    for res in (auto, fm.aggregate_lora(B, A, solver="exact")):
+        assert rel_err(res.delta(), ref) < 2e-6
+        assert res.residual.rank <= 30 - 8
+
+
+def test_bf16_inputs_return_bf16():
+    B, A = make_clients(128, 64, [8, 8, 8], seed=7, dtype=torch.bfloat16)
+    ref = reference_delta(B, A)
+    res = fm.aggregate_lora(B, A, solver="exact")
+    assert res.B.dtype == torch.bfloat16 and res.A.dtype == torch.bfloat16
+    assert res.residual.left.dtype == torch.float32  # residual stays in the compute dtype
+    # the only loss is rounding B and A to bf16 (relative ~2^-8)
+    assert rel_err(res.delta(), ref) < 1e-2
+    exact32 = fm.aggregate_lora([b.float() for b in B], [a.float() for a in A], solver="exact")
+    assert rel_err(res.B.double() @ res.A.double(), exact32.B.double() @ exact32.A.double()) < 1e-2
+
+
+def test_fp64_compute():
+    B, A = make_clients(90, 70, [6, 6, 6], seed=8, dtype=torch.float64)
+    ref = reference_delta(B, A)
+    res = fm.aggregate_lora(B, A, compute_dtype=torch.float64, solver="exact")
+    assert res.B.dtype == torch.float64
+    assert rel_err(res.delta(), ref) < 1e-12
+
+
+def test_rank_deficient_delta_gives_live_directions():
+    """ΔW of rank < r: no dead all-zero rows in both B and A."""
+    m, n = 60, 50
+    B, A = make_clients(m, n, [2], seed=9)
+    res = fm.aggregate_lora(B, A, rank=5, solver="exact")
+    assert res.B.shape == (m, 5)
+    assert torch.count_nonzero(res.B[:, 2:]) == 0  # B columns of the dead directions are zero
+    AAt = res.A[2:].double() @ res.A[2:].double().T
+    assert torch.allclose(AAt, torch.eye(3, dtype=torch.float64), atol=1e-5)  # orthonormal rows
+    assert float((res.A[:2].double() @ res.A[2:].double().T).abs().max()) < 1e-5  # orthogonal to kept
+    assert rel_err(res.delta(), reference_delta(B, A)) < 2e-6
+    # all-zero update (e.g. clients that did not train): B zero, A orthonormal, energy 1 by convention
+    Bz = [torch.zeros(m, 4), torch.zeros(m, 4)]
+    Az = [torch.randn(4, n), torch.randn(4, n)]
+    res0 = fm.aggregate_lora(Bz, Az, solver="exact")
+    assert torch.count_nonzero(res0.B) == 0
+    assert torch.allclose(res0.A.double() @ res0.A.double().T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    assert res0.energy_kept == 1.0
+
+
+def test_zero_weight_client_is_ignored():
+    B, A = make_clients(50, 40, [4, 4, 4], seed=10)
+    Bbad = list(B)
+    Bbad[1] = torch.full_like(B[1], 1e3)
+    ref = reference_delta(B, A, [1, 0, 2])
+    res = fm.aggregate_lora(Bbad, A, [1, 0, 2], solver="exact")
+    assert rel_err(res.delta(), ref) < 2e-6
+
+
+def test_residual_energy_truncation_reports_dropped():
+    B, A = make_clients(100, 80, [6, 6, 6, 6], seed=11, decay=0.6)
+    ref = reference_delta(B, A)
+    S = torch.linalg.svdvals(ref)
+    res = fm.aggregate_lora(B, A, residual_energy=0.99, solver="exact")
+    assert not res.exact and res.energy_dropped > 0
+    err2 = float(((res.delta() - ref) ** 2).sum() / (ref ** 2).sum())
+    assert err2 == pytest.approx(res.energy_dropped, rel=1e-3, abs=1e-9)
+    assert res.energy_dropped <= 0.01 + 1e-9
+    full = fm.aggregate_lora(B, A, residual_energy=1.0, solver="exact")
+    assert res.residual.rank < full.residual.rank
+    with pytest.raises(ValueError, match="randomized"):
+        fm.aggregate_lora(B, A, residual_energy=0.99, solver="randomized")
+    assert float((S ** 2).sum()) > 0
+
+
+def test_randomized_matches_exact_on_decaying_spectrum_and_is_seeded():
+    B, A = make_clients(300, 200, [8] * 10, seed=12, decay=0.5)
+    B = [b * 0.3 ** k for k, b in enumerate(B)]  # a clear spectral gap after each singular value
+    ex = fm.aggregate_lora(B, A, solver="exact", rank=4)
+    g1 = torch.Generator().manual_seed(7)
+    g2 = torch.Generator().manual_seed(7)
+    r1 = fm.aggregate_lora(B, A, solver="randomized", rank=4, generator=g1)
+    r2 = fm.aggregate_lora(B, A, solver="randomized", rank=4, generator=g2)
+    assert torch.equal(r1.B, r2.B) and torch.equal(r1.A, r2.A)
+    assert rel_err(r1.B.double() @ r1.A.double(), ex.B.double() @ ex.A.double()) < 1e-3
+    assert r1.energy_kept == pytest.approx(ex.energy_kept, rel=1e-2)
+    assert rel_err(r1.delta(), reference_delta(B, A)) < 2e-6  # residual stays exact
+
+
+def test_inputs_never_modified():
+    B, A = make_clients(40, 30, [4, 4], seed=13)
+    Bc = [b.clone() for b in B]
+    Ac = [a.clone() for a in A]
+    for method in fm.METHODS:
+        kw = {}
+        if method == "ffa_lora":
+            fm.aggregate_lora(B, [A[0], A[0]], method=method)
+            continue
+        fm.aggregate_lora(B, A, method=method, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(B + A, Bc + Ac))
+
+
+def test_huge_layer_never_densified():
+    """2^18 x 2^18 (a dense ΔW would need 256 GiB): exact must not allocate m x n."""
+    m = n = 2 ** 18
+    g = torch.Generator().manual_seed(0)
+    B = [torch.randn(m, 8, generator=g) * 0.01 for _ in range(4)]
+    A = [torch.randn(8, n, generator=g) / 512 for _ in range(4)]
+    res = fm.aggregate_lora(B, A, [1, 2, 3, 4], scalings=2.0, solver="exact")
+    assert res.B.shape == (m, 8) and res.residual.left.shape == (m, 24)
+    rows = torch.randint(0, m, (64,), generator=g)
+    cols = torch.randint(0, n, (64,), generator=g)
+    ref = sum((w / 10) * 2.0 * (b[rows].double() @ a[:, cols].double()) for w, b, a in zip([1, 2, 3, 4], B, A))
+    got = 2.0 * res.B[rows].double() @ res.A[:, cols].double() + \
+        res.residual.left[rows].double() @ res.residual.right[:, cols].double()
+    assert rel_err(got, ref) < 1e-5
+    assert fm.aggregate_lora(B, A, solver="auto").solver == "exact"
+
+
+def test_merge_residual_in_place():
+    B, A = make_clients(64, 48, [4, 4, 4], seed=14)
+    res = fm.aggregate_lora(B, A, scalings=2.0, rank=4)
+    W = torch.randn(64, 48)
+    W0 = W.clone()
+    out = fm.merge_residual_(W, res.residual, alpha=0.5)
+    assert out is W
+    assert rel_err(W - W0, 0.5 * res.residual.to_dense(torch.float64)) < 1e-6
+    Wb = W0.to(torch.bfloat16)
+    fm.merge_residual_(Wb, res.residual)
+    assert rel_err(Wb.double(), W0.double() + res.residual.to_dense(torch.float64)) < 1e-2
+    # new base + adapter == old base + exact sum
+    W1 = W0.clone()
+    fm.merge_residual_(W1, res.residual)
+    eff = W1.double() + 2.0 * res.B.double() @ res.A.double()
+    assert rel_err(eff - W0.double(), reference_delta(B, A, None, 2.0)) < 2e-6
+    # errors leave W untouched
+    Wbad = torch.randn(48, 64)
+    keep = Wbad.clone()
+    with pytest.raises(ValueError, match="does not match|but W is"):
+        fm.merge_residual_(Wbad, res.residual)
+    assert torch.equal(Wbad, keep)
+    assert fm.merge_residual_(W, None) is W
+
+
+def test_batched_layers_equal_per_layer():
+    from fedmomentum_core import aggregate_layers
+    layers = [make_clients(80, 50, [4, 4, 4], seed=20 + i) for i in range(5)]
+    layers.append(make_clients(30, 50, [4, 4, 4], seed=40))
+    res = aggregate_layers(layers, [1, 2, 3], names=[f"layer{i}" for i in range(6)], solver="exact")
+    for (B, A), r in zip(layers, res):
+        one = fm.aggregate_lora(B, A, [1, 2, 3], solver="exact")
+        assert rel_err(r.delta(), one.delta()) < 1e-6
+        assert rel_err(r.delta(), reference_delta(B, A, [1, 2, 3])) < 2e-6
+    assert res[0].info["batched"] == 5 and res[5].info["batched"] == 1

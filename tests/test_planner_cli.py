@@ -1,0 +1,37 @@
+"""The auto cost model and the demo command."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import fedmomentum
+from fedmomentum_core.planner import choose_solver, solver_costs
+
+
+def test_cost_model_choices():
+    assert choose_solver(4096, 4096, 160, 16) == "exact"          # K=10, r=16
+    assert choose_solver(8192, 8192, 1600, 16) == "randomized"    # K=100: R³ and R² dominate
+    assert choose_solver(8192, 8192, 1600, 16, full_spectrum=True) == "exact"
+    assert choose_solver(64, 48, 48, 8) == "dense"                # R >= min(m, n)
+    c = solver_costs(4096, 4096, 160, 16)
+    assert c["exact"] < c["dense"] / 100  # the factored route never pays for m·n·min(m,n)
+
+
+def test_demo_runs_and_reports_small_invariant_error():
+    out = subprocess.run([sys.executable, "-m", "fedmomentum", "demo", "--size", "256", "--clients", "4",
+                          "--rank", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = {l.split("  ")[0].strip(): l for l in out.stdout.splitlines()}
+    exact = next(l for l in out.stdout.splitlines() if l.startswith("fedmomentum solver=exact"))
+    inv = float(exact.split()[-2])
+    assert inv < 1e-5
+    assert "dense + torch.svd_lowrank" in out.stdout and "dense + torch.linalg.svd" in out.stdout
+    assert lines
+
+
+def test_cli_help_and_errors(capsys):
+    from fedmomentum.cli import main
+    assert main([]) == 2
+    assert re.search(r"demo", capsys.readouterr().out)
+    assert fedmomentum.__version__
