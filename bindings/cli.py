@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ["demo"]
+SUBCOMMANDS = ["demo", "profile"]
 
 
 def build_parser() -> argparse.ArgumentParser:
