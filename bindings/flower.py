@@ -1,0 +1,611 @@
+"""Flower integration: FedMomentum aggregation inside a Flower (>= 1.21, Message API) server.
+
+Install with the ``fedmomentum[flower]`` extra. This is the only module of the library that
+imports ``flwr``; the core never does.
+
+Server side::
+
+    strategy = FedMomentumStrategy(method="fedmomentum", rank=8, lora_config=peft_config,
+                                   residual="ship", min_available_nodes=3)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state_dict),
+                            num_rounds=10)
+
+Client side (inside a ``ClientApp`` train/evaluate function)::
+
+    model = build_peft_model()                       # fresh base + LoRA, or a kept model
+    apply_server_update(model, msg.content, state=context.state)
+
+Wire format
+-----------
+* The clients' replies carry one :class:`~flwr.app.ArrayRecord` with the LoRA adapter in PEFT
+  *saved* key names (``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``, what
+  ``peft.get_peft_model_state_dict`` returns) and one :class:`~flwr.app.MetricRecord` holding
+  the ``"num-examples"`` weight (``weighted_by_key``), exactly like for ``FedAvg``.
+* The strategy returns the new adapter as the round's ``ArrayRecord`` and, in the train
+  ``MetricRecord``, the clients' weighted metrics plus:
+
+  ``aggregation-seconds``
+      wall time of ``fedmomentum.aggregate`` for the whole adapter;
+  ``energy-kept``
+      mean over modules of ‖top-r‖²/‖ΔW‖² (fraction of the exact update carried by the new
+      adapter; the rest is in the residual). Methods that do not compute it (``fedit``,
+      ``fedsa_lora``: NaN per module) are skipped; when no module has a finite value the entry
+      is NaN;
+  ``residual-rank``, ``residual-bytes``
+      total rank and fp32 size of this round's residual factors (the downlink of ``"ship"``);
+  ``num-clients``, ``dropped-replies``
+      replies aggregated and replies dropped.
+
+* ``residual="ship"``: the residual of round t (per module a :class:`~fedmomentum.LowRank` in the
+  orientation of the module's ``weight``: ``weight += left @ right``) is sent in the following
+  train (and evaluate) messages as one ``ArrayRecord`` per round under the RecordDict key
+  ``f"{RESIDUAL_RECORD_PREFIX}{t}"``, with keys ``<module>.residual_left`` /
+  ``<module>.residual_right`` (the ``residual.safetensors`` key format). A node is sent every
+  round it has not yet acknowledged (a valid reply to a message carrying it), so nodes that skip
+  rounds catch up. :func:`apply_server_update` merges each round at most once per model.
+* ``residual="server"``: clients never see residuals; the server merges them into its own copy
+  of the base weights (``base=``), exported by :meth:`FedMomentumStrategy.merged_state_dict`.
+  With ``base=`` given, ``"ship"`` keeps that server copy as well.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from logging import ERROR, INFO, WARNING
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+import fedmomentum
+from fedmomentum_core import METHODS, SOLVERS, LowRank
+
+__all__ = ["FedMomentumStrategy", "apply_server_update", "RESIDUAL_RECORD_PREFIX",
+           "MERGED_THROUGH_ATTR", "residual_records"]
+
+#: RecordDict key prefix of the per-round residual ArrayRecords (``...-round-3``).
+RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
+#: attribute set on a client model: the last server round whose residual it has merged.
+MERGED_THROUGH_ATTR = "fedmomentum_merged_through"
+_LEFT, _RIGHT = ".residual_left", ".residual_right"
+_RESIDUAL_MODES = ("ship", "server")
+_PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?P<w>\.weight)?$")
+
+
+class _BadReply(Exception):
+    """A reply that cannot be aggregated (dropped with a warning)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _module_of(key: str) -> Optional[tuple[str, str]]:
+    m = _LORA_KEY.match(key)
+    if not m or bool(m.group("emb")) == bool(m.group("w")):  # lora_A.weight or lora_embedding_A
+        return None
+    return m.group("module"), m.group("ab")
+
+
+def _live_key(key: str, adapter_name: str) -> str:
+    """PEFT saved key -> live key (``lora_A.weight`` -> ``lora_A.<name>.weight``, embeddings)."""
+    if key.endswith(".weight"):
+        return f"{key[:-len('.weight')]}.{adapter_name}.weight"
+    return f"{key}.{adapter_name}"
+
+
+def _config_dict(cfg: Any) -> dict:
+    """A LoRA config (peft ``LoraConfig``, dict or None) as a plain dict."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return dict(cfg.to_dict())
+    raise TypeError(f"lora_config must be a peft LoraConfig, a dict or None, got {type(cfg).__name__}")
+
+
+def _pattern_value(pattern: Mapping, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (key matched as a suffix of the module path)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def _module_scaling(cfg: Mapping, module: str, rank: int) -> float:
+    """The LoRA scale s of ``module`` (α/r, or α/√r with use_rslora) under adapter config ``cfg``."""
+    r = int(rank) if rank else int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 1)))
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _weight_key(module: str, keys: Iterable[str]) -> Optional[str]:
+    """The base-weight key of adapter module path ``module`` in a (plain or PEFT) state dict."""
+    keys = set(keys)
+    stripped = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+    for cand in (stripped + ".weight", module + ".base_layer.weight",
+                 stripped + ".base_layer.weight", module + ".weight"):
+        if cand in keys:
+            return cand
+    return None
+
+
+def _resolve_weight(model: torch.nn.Module, module: str) -> torch.Tensor:
+    """The base ``weight`` parameter of ``module`` in a live model (PeftModel or plain)."""
+    stripped = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+    for path in (module, stripped, "base_model.model." + stripped):
+        try:
+            sub = model.get_submodule(path)
+        except AttributeError:
+            continue
+        sub = getattr(sub, "base_layer", sub)
+        w = getattr(sub, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return w
+    raise ValueError(f"residual for module {module!r}: no such module with a weight in "
+                     f"{type(model).__name__}")
+
+
+def residual_records(residuals: Mapping[str, LowRank]) -> ArrayRecord:
+    """One round's residuals as an ArrayRecord (keys ``<module>.residual_left`` / ``_right``)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, lr in residuals.items():
+        sd[name + _LEFT] = lr.left.detach().to("cpu", torch.float32).contiguous()
+        sd[name + _RIGHT] = lr.right.detach().to("cpu", torch.float32).contiguous()
+    return ArrayRecord(sd)
+
+
+def _parse_residual_record(rec: ArrayRecord, where: str) -> dict[str, LowRank]:
+    sd = rec.to_torch_state_dict()
+    out: dict[str, LowRank] = {}
+    for key in sd:
+        if key.endswith(_LEFT):
+            name = key[: -len(_LEFT)]
+            if name + _RIGHT not in sd:
+                raise ValueError(f"{where}: {key!r} has no matching {name + _RIGHT!r}")
+            out[name] = LowRank(sd[key], sd[name + _RIGHT])
+        elif not key.endswith(_RIGHT):
+            raise ValueError(f"{where}: unexpected key {key!r} (expected <module>{_LEFT} / "
+                             f"<module>{_RIGHT})")
+        elif key[: -len(_RIGHT)] + _LEFT not in sd:
+            raise ValueError(f"{where}: {key!r} has no matching left factor")
+    return out
+
+
+def _residual_blocks(content: RecordDict) -> dict[int, dict[str, LowRank]]:
+    blocks: dict[int, dict[str, LowRank]] = {}
+    for key in list(content.keys()):
+        if key.startswith(RESIDUAL_RECORD_PREFIX):
+            try:
+                rnd = int(key[len(RESIDUAL_RECORD_PREFIX):])
+            except ValueError as e:
+                raise ValueError(f"bad residual record key {key!r}") from e
+            rec = content[key]
+            if not isinstance(rec, ArrayRecord):
+                raise TypeError(f"record {key!r} is a {type(rec).__name__}, expected ArrayRecord")
+            blocks[rnd] = _parse_residual_record(rec, key)
+    return blocks
+
+
+# ----------------------------------------------------------------------------- client side
+
+def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Message], *,
+                        state: Optional[RecordDict] = None, adapter_name: str = "default",
+                        arrays_key: str = "arrays") -> dict:
+    """Merge the server's shipped residuals into ``model``'s base weights, then load the adapter.
+
+    Every residual round found in ``record`` (and in ``state``, see below) that ``model`` has not
+    merged yet (rounds above ``getattr(model, MERGED_THROUGH_ATTR, 0)``) is added to the base
+    ``weight`` of its module (``weight += left @ right``, fp32 accumulation); then the new
+    adapter ``record[arrays_key]`` (PEFT saved keys) is loaded with
+    ``peft.set_peft_model_state_dict``.
+
+    Two ways to use it, both exact:
+
+    * keep one model across rounds (``state=None``): each residual is merged once, the model
+      remembers the last merged round in the attribute ``MERGED_THROUGH_ATTR``;
+    * build a fresh base model every message (the usual stateless Flower ``ClientApp``) and pass
+      ``state=context.state``: the residual rounds received so far are kept in the node's state
+      (fp32 factors, (m+n)·t per module and round) and all of them are merged into the fresh base.
+
+    Everything is checked (module names, shapes, adapter keys) before anything is modified; on
+    error a ValueError/TypeError names the module or key and the model is left untouched.
+
+    Args:
+        model: a ``peft.PeftModel`` (or any module whose adapted modules expose ``weight`` or
+            ``base_layer.weight``; then only residuals can be applied).
+        record: the train/evaluate message (or its ``content``) from :class:`FedMomentumStrategy`.
+        state: the node's ``context.state`` (optional, see above).
+        adapter_name: the PEFT adapter to load into.
+        arrays_key: the RecordDict key of the adapter (the strategy's ``arrayrecord_key``).
+
+    Returns:
+        ``{"merged_rounds": [...], "residual_rank": int, "adapter_loaded": bool}``.
+    """
+    content = record.content if isinstance(record, Message) else record
+    if not isinstance(content, RecordDict):
+        raise TypeError(f"record must be a flwr Message or RecordDict, got {type(record).__name__}")
+    incoming = _residual_blocks(content)
+    stored = _residual_blocks(state) if state is not None else {}
+    blocks = {**stored, **incoming}
+    through = int(getattr(model, MERGED_THROUGH_ATTR, 0))
+    todo = sorted(r for r in blocks if r > through)
+
+    # --- check everything first
+    plan: list[tuple[torch.Tensor, LowRank]] = []
+    for rnd in todo:
+        for name, lr in blocks[rnd].items():
+            w = _resolve_weight(model, name)
+            if tuple(w.shape) != lr.shape:
+                raise ValueError(f"round {rnd} residual for {name!r} is {lr.shape[0]} x {lr.shape[1]} "
+                                 f"but the module weight is {tuple(w.shape)}")
+            plan.append((w, lr))
+    adapter = None
+    if arrays_key in content:
+        rec = content[arrays_key]
+        if not isinstance(rec, ArrayRecord):
+            raise TypeError(f"record {arrays_key!r} is a {type(rec).__name__}, expected ArrayRecord")
+        adapter = rec.to_torch_state_dict()
+        live = dict(model.state_dict())
+        for key, t in adapter.items():
+            if _module_of(key) is None:
+                continue  # non-LoRA entries (modules_to_save, ...): left to PEFT
+            live_key = _live_key(key, adapter_name)
+            if live_key not in live:
+                raise ValueError(f"adapter key {key!r}: the model has no {live_key!r} "
+                                 f"(is it a PeftModel with adapter {adapter_name!r}?)")
+            if tuple(live[live_key].shape) != tuple(t.shape):
+                raise ValueError(f"adapter key {key!r} has shape {tuple(t.shape)}, the model's "
+                                 f"{live_key!r} is {tuple(live[live_key].shape)}")
+
+    # --- apply
+    with torch.no_grad():
+        for w, lr in plan:
+            fedmomentum.merge_residual_(w.data, lr)
+        if adapter is not None:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, adapter, adapter_name=adapter_name)
+    if todo:
+        setattr(model, MERGED_THROUGH_ATTR, max(todo))
+    if state is not None:
+        for rnd in incoming:
+            key = f"{RESIDUAL_RECORD_PREFIX}{rnd}"
+            if key not in state:
+                state[key] = content[key]
+    return {"merged_rounds": todo,
+            "residual_rank": sum(lr.rank for _, lr in plan),
+            "adapter_loaded": adapter is not None}
+
+
+# ----------------------------------------------------------------------------- server side
+
+class FedMomentumStrategy(FedAvg):
+    """Flower ``FedAvg`` whose ``aggregate_train`` runs ``fedmomentum.aggregate`` on LoRA adapters.
+
+    Args:
+        method: one of ``fedmomentum.METHODS`` (default ``"fedmomentum"``).
+        rank: output adapter rank (default: the clients' rank, see ``fedmomentum.aggregate``).
+        solver: ``"auto"``, ``"exact"``, ``"randomized"`` or ``"dense"``.
+        residual: ``"ship"`` (residual factors go to the clients in the next messages, merged by
+            :func:`apply_server_update`) or ``"server"`` (kept and merged into the server's copy
+            of the base, ``base=`` required; see :meth:`merged_state_dict`).
+        lora_config: the clients' adapter config (peft ``LoraConfig`` or dict with r, lora_alpha,
+            use_rslora, rank_pattern, alpha_pattern, ...): gives the LoRA scalings.
+        base: the base model (``nn.Module``, e.g. the PeftModel before training, or a state dict)
+            the server keeps a copy of and merges residuals into. Required for ``"server"``.
+        aggregate_kwargs: extra keyword arguments for ``fedmomentum.aggregate``.
+        **fedavg_kwargs: ``FedAvg``'s arguments (fraction_train, min_available_nodes,
+            weighted_by_key, arrayrecord_key, train_metrics_aggr_fn, ...).
+
+    Attributes:
+        last_aggregation: the ``fedmomentum.ModelAggregation`` of the latest round (or None).
+        round_metrics: ``{round: {"aggregation-seconds": ..., "energy-kept": ..., ...}}``.
+    """
+
+    def __init__(self, *, method: str = "fedmomentum", rank: Optional[int] = None,
+                 solver: str = "auto", residual: str = "ship", lora_config: Any = None,
+                 base: Union[torch.nn.Module, Mapping[str, torch.Tensor], None] = None,
+                 aggregate_kwargs: Optional[dict] = None, **fedavg_kwargs: Any) -> None:
+        super().__init__(**fedavg_kwargs)
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        if solver != "auto" and solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose auto or one of {sorted(SOLVERS)}")
+        if residual not in _RESIDUAL_MODES:
+            raise ValueError(f"residual must be one of {_RESIDUAL_MODES}, got {residual!r}")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+        if residual == "server" and base is None:
+            raise ValueError("residual='server' needs base= (the base model or its state dict) "
+                             "to merge the residuals into")
+        self.method, self.rank, self.solver, self.residual = method, rank, solver, residual
+        self.lora_config = _config_dict(lora_config)
+        self.aggregate_kwargs = dict(aggregate_kwargs or {})
+        self._base: Optional[dict[str, torch.Tensor]] = None
+        if base is not None:
+            sd = base.state_dict() if isinstance(base, torch.nn.Module) else base
+            if not isinstance(sd, Mapping):
+                raise TypeError(f"base must be an nn.Module or a state dict, got {type(base).__name__}")
+            self._base = {k: v.detach().clone() for k, v in sd.items()
+                          if isinstance(v, torch.Tensor) and ".lora_" not in k}
+        self._residual_rounds: dict[int, dict[str, LowRank]] = {}
+        self._acked: dict[int, int] = {}      # node -> last residual round it confirmed
+        self._pending: dict[int, int] = {}    # node -> last residual round in its open message
+        self._expected: Optional[dict[str, tuple[int, ...]]] = None
+        self._adapter: Optional[dict[str, torch.Tensor]] = None
+        self._adapter_config: dict = dict(self.lora_config)
+        self._adapter_scalings: dict[str, float] = {}
+        self.last_aggregation = None
+        self.round_metrics: dict[int, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------- logging
+    def summary(self) -> None:
+        """Log the configuration (FedAvg's summary plus the FedMomentum options)."""
+        super().summary()
+        log(INFO, "\t└──> FedMomentum: method=%s rank=%s solver=%s residual=%s", self.method,
+            self.rank, self.solver, self.residual)
+
+    # ---------------------------------------------------------------- messages out
+    def _attach_residuals(self, messages: Iterable[Message], through: int) -> list[Message]:
+        messages = list(messages)
+        if self.residual != "ship" or not self._residual_rounds:
+            return messages
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            rounds = [r for r in sorted(self._residual_rounds)
+                      if self._acked.get(node, 0) < r <= through]
+            if not rounds:
+                continue
+            content = RecordDict(dict(msg.content.items()))
+            for r in rounds:
+                content[f"{RESIDUAL_RECORD_PREFIX}{r}"] = residual_records(self._residual_rounds[r])
+            msg.content = content
+            self._pending[node] = max(rounds)
+        return messages
+
+    def _ack(self, replies: Iterable[Message]) -> None:
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node in self._pending:
+                self._acked[node] = max(self._acked.get(node, 0), self._pending.pop(node))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's train messages, plus the residual rounds each node has not acknowledged."""
+        self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
+        msgs = super().configure_train(server_round, arrays, config, grid)
+        return self._attach_residuals(msgs, server_round - 1)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """FedAvg's evaluate messages, plus residual rounds up to this one (exact evaluation)."""
+        msgs = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._attach_residuals(msgs, server_round)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """FedAvg's evaluate aggregation; valid replies also acknowledge shipped residuals."""
+        replies = list(replies)
+        self._ack(m for m in replies if not m.has_error())
+        return super().aggregate_evaluate(server_round, replies)
+
+    # ---------------------------------------------------------------- replies in
+    def _check_reply(self, msg: Message, ref: Optional[dict[str, tuple[int, ...]]]):
+        content = msg.content
+        arrays = content.array_records
+        if self.arrayrecord_key in arrays:
+            rec = arrays[self.arrayrecord_key]
+        elif len(arrays) == 1:
+            rec = next(iter(arrays.values()))
+        else:
+            raise _BadReply(f"expected one ArrayRecord (key {self.arrayrecord_key!r}), "
+                            f"found {sorted(arrays)}")
+        weight = None
+        metrics = None
+        for mr in content.metric_records.values():
+            if self.weighted_by_key in mr:
+                weight, metrics = mr[self.weighted_by_key], mr
+                break
+        if weight is None:
+            raise _BadReply(f"no MetricRecord with {self.weighted_by_key!r}")
+        if isinstance(weight, list) or not math.isfinite(float(weight)) or float(weight) <= 0:
+            raise _BadReply(f"{self.weighted_by_key!r} is {weight!r}; expected a positive number")
+        keys = set(rec.keys())
+        if ref is not None and keys != set(ref):
+            missing, extra = sorted(set(ref) - keys), sorted(keys - set(ref))
+            raise _BadReply(f"adapter keys differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                            f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        try:
+            sd = rec.to_torch_state_dict()
+        except Exception as e:  # noqa: BLE001 - corrupt payloads of any kind
+            raise _BadReply(f"cannot read arrays: {e}") from e
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in sd.items():
+            mod = _module_of(key)
+            if not t.dtype.is_floating_point:
+                raise _BadReply(f"{key!r} has dtype {t.dtype}; expected a floating dtype")
+            if not bool(torch.isfinite(t).all()):
+                raise _BadReply(f"{key!r} has non-finite values")
+            if ref is not None and tuple(t.shape) != ref[key] and mod is None:
+                raise _BadReply(f"{key!r} has shape {tuple(t.shape)}, expected {ref[key]}")
+            if mod is None:
+                continue
+            if t.dim() != 2:
+                raise _BadReply(f"{key!r} is {tuple(t.shape)}; expected a 2-D LoRA factor")
+            if ref is not None:
+                want = ref[key]
+                dim = 1 if mod[1] == "A" else 0  # n of A (r x n), m of B (m x r): ranks may differ
+                if len(want) != 2 or want[dim] != t.shape[dim]:
+                    raise _BadReply(f"{key!r} has shape {tuple(t.shape)}, expected {'m' if dim == 0 else 'n'}"
+                                    f" = {want[dim] if len(want) == 2 else want}")
+            modules.setdefault(mod[0], {})[mod[1]] = t
+        for name, pair in modules.items():
+            if "A" in pair and "B" in pair and pair["B"].shape[1] != pair["A"].shape[0]:
+                raise _BadReply(f"{name}: lora_B is {tuple(pair['B'].shape)} but lora_A is "
+                                f"{tuple(pair['A'].shape)} (ranks differ)")
+        return sd, float(weight), metrics
+
+    def _valid_replies(self, replies: list[Message]):
+        good, dropped = [], 0
+        candidates = []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "aggregate_train: dropping error reply from node %s: %s",
+                    msg.metadata.src_node_id, msg.error.reason)
+                dropped += 1
+            elif not msg.has_content():
+                log(WARNING, "aggregate_train: dropping empty reply from node %s",
+                    msg.metadata.src_node_id)
+                dropped += 1
+            else:
+                candidates.append(msg)
+        ref = self._expected
+        if ref is None and candidates:  # no configure_train seen: majority key set, first shapes
+            sets = Counter(frozenset(next(iter(m.content.array_records.values()), {}).keys())
+                           for m in candidates if m.content.array_records)
+            if sets:
+                keyset = sets.most_common(1)[0][0]
+                for m in candidates:
+                    recs = m.content.array_records
+                    rec = recs.get(self.arrayrecord_key) or (next(iter(recs.values())) if recs else None)
+                    if rec is not None and frozenset(rec.keys()) == keyset:
+                        ref = {k: tuple(v.shape) for k, v in rec.items()}
+                        break
+        for msg in candidates:
+            try:
+                good.append((msg,) + self._check_reply(msg, ref))
+            except _BadReply as e:
+                log(WARNING, "aggregate_train: dropping reply from node %s: %s",
+                    msg.metadata.src_node_id, e)
+                dropped += 1
+        return good, dropped
+
+    def _aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]):
+        kwargs = dict(self.aggregate_kwargs)
+        return fedmomentum.aggregate(states, weights, configs=self.lora_config or None,
+                                     method=self.method, rank=self.rank, solver=self.solver,
+                                     **kwargs)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """Aggregate the clients' LoRA adapters with ``fedmomentum.aggregate``.
+
+        Replies with an error, no content, missing/extra adapter keys, wrong shapes, non-finite
+        values or no positive ``weighted_by_key`` metric are dropped with a logged warning. With
+        no reply left, returns ``(None, None)`` like ``FedAvg``. A failure inside the aggregation
+        itself is logged and also gives ``(None, None)`` (the previous adapter is kept).
+        """
+        replies = list(replies)
+        good, dropped = self._valid_replies(replies)
+        log(INFO, "aggregate_train: %d replies aggregated, %d dropped", len(good), dropped)
+        if not good:
+            return None, None
+        self._ack(m for m, *_ in good)
+        states = [sd for _, sd, _, _ in good]
+        weights = [w for _, _, w, _ in good]
+        t0 = time.perf_counter()
+        try:
+            agg = self._aggregate(states, weights)
+        except (ValueError, TypeError) as e:
+            log(ERROR, "aggregate_train: round %d aggregation failed, keeping the previous "
+                "adapter: %s", server_round, e)
+            return None, None
+        seconds = time.perf_counter() - t0
+        residuals = {k: v.to("cpu", torch.float32) for k, v in (agg.residuals or {}).items()
+                     if v is not None and v.rank > 0}
+        if self._base is not None:
+            self._merge_into_base(residuals)
+        if self.residual == "ship" and residuals:
+            self._residual_rounds[server_round] = residuals
+        self._adapter = {k: v.detach().clone() for k, v in agg.state_dict.items()}
+        self._adapter_config = {**self.lora_config, **dict(getattr(agg, "config", None) or {})}
+        self._adapter_scalings = {r.name: float(r.out_scaling) for r in agg.report
+                                  if getattr(r, "out_scaling", None) is not None}
+        self.last_aggregation = agg
+
+        energies = [float(r.energy_kept) for r in agg.report
+                    if r.energy_kept is not None and math.isfinite(float(r.energy_kept))]
+        extra = {
+            "aggregation-seconds": float(seconds),
+            "energy-kept": float(sum(energies) / len(energies)) if energies else float("nan"),
+            "residual-rank": int(sum(lr.rank for lr in residuals.values())),
+            "residual-bytes": int(sum(lr.nbytes for lr in residuals.values())),
+            "num-clients": len(good),
+            "dropped-replies": int(dropped),
+        }
+        self.round_metrics[server_round] = extra
+        try:
+            metrics = self.train_metrics_aggr_fn([m.content for m, *_ in good], self.weighted_by_key)
+        except Exception as e:  # noqa: BLE001 - a user metrics function must not kill the round
+            log(WARNING, "aggregate_train: client metrics not aggregated: %s", e)
+            metrics = MetricRecord()
+        for k, v in extra.items():
+            metrics[k] = v
+        return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in agg.state_dict.items()}), metrics
+
+    # ---------------------------------------------------------------- server copy of the base
+    def _merge_into_base(self, residuals: Mapping[str, LowRank]) -> None:
+        assert self._base is not None
+        plan = []
+        for name, lr in residuals.items():
+            key = _weight_key(name, self._base)
+            if key is None:
+                raise ValueError(f"residual for module {name!r}: no matching weight in the "
+                                 "server's base state dict")
+            if tuple(self._base[key].shape) != lr.shape:
+                raise ValueError(f"residual for {name!r} is {lr.shape}, base {key!r} is "
+                                 f"{tuple(self._base[key].shape)}")
+            plan.append((key, lr))
+        for key, lr in plan:
+            fedmomentum.merge_residual_(self._base[key], lr)
+
+    def residual_history(self) -> dict[int, dict[str, LowRank]]:
+        """The residuals of every round the server still ships (``"ship"`` mode), by round."""
+        return dict(self._residual_rounds)
+
+    def merged_state_dict(self, include_adapter: bool = False) -> dict[str, torch.Tensor]:
+        """The server's copy of the base weights with every round's residual merged in.
+
+        Args:
+            include_adapter: also fold the current adapter in (``weight += s·B·A`` in the
+                orientation of the weight: transposed for ``fan_in_fan_out`` / Conv1D), giving
+                the effective weights a client ends the round with.
+
+        Returns:
+            A new dict (clones) keyed like ``base``, without LoRA entries.
+        """
+        if self._base is None:
+            raise ValueError("no base copy on the server: construct the strategy with base=")
+        out = {k: v.clone() for k, v in self._base.items()}
+        if include_adapter and self._adapter:
+            pairs: dict[str, dict[str, torch.Tensor]] = {}
+            for key, t in self._adapter.items():
+                mod = _module_of(key)
+                if mod is not None:
+                    pairs.setdefault(mod[0], {})[mod[1]] = t
+            for name, p in pairs.items():
+                if "A" not in p or "B" not in p:
+                    continue
+                key = _weight_key(name, out)
+                if key is None:
+                    raise ValueError(f"adapter module {name!r}: no matching weight in base")
+                s = self._adapter_scalings.get(name)
+                if s is None:
+                    s = _module_scaling(self._adapter_config, name, int(p["A"].shape[0]))
+                delta = s * (p["B"].to(torch.float64) @ p["A"].to(torch.float64))
+                w = out[key]
+                fan_in_fan_out = bool(self._adapter_config.get("fan_in_fan_out", False))
+                if tuple(w.shape) == tuple(delta.shape) and not fan_in_fan_out:
+                    pass
+                elif tuple(w.shape) == tuple(delta.T.shape):
+                    delta = delta.T
+                else:
+                    raise ValueError(f"adapter module {name!r}: s·B·A is {tuple(delta.shape)}, "
+                                     f"weight {key!r} is {tuple(w.shape)}")
+                out[key] = (w.to(torch.float64) + delta).to(w.dtype)
+        return out
