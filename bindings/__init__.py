@@ -12,11 +12,40 @@ import torch
 import fedmomentum_kernels as _kernels
 from fedmomentum_core import METHODS, SOLVERS, AggregationResult, LowRank
 from fedmomentum_core.methods import aggregate_layer as _aggregate_layer
+from fedmomentum_core.model import ModelAggregation, ModuleReport
 
 __version__ = "0.1.0"
 
 __all__ = ["aggregate_lora", "merge_residual_", "AggregationResult", "LowRank", "METHODS",
-           "SOLVERS", "__version__"]
+           "SOLVERS", "__version__", "aggregate", "ModelAggregation", "ModuleReport"]
+
+
+def aggregate(client_state_dicts, weights=None, *, configs=None, rank: Optional[int] = None,
+              method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
+              profile: bool = False, **layer_kwargs) -> ModelAggregation:
+    """Aggregate K clients' PEFT LoRA state dicts (whole models, module by module).
+
+    Args:
+        client_state_dicts: K state dicts from ``get_peft_model_state_dict`` (saved keys
+            ``…lora_A.weight``) or a PeftModel's ``state_dict()`` (live keys ``…lora_A.<name>.weight``);
+            ``lora_embedding_A/B`` for Embedding LoRA. Other non-LoRA tensors are averaged with p_k;
+            DoRA magnitudes and LoRA biases are refused (see :mod:`fedmomentum_core.model`).
+        weights: K non-negative numbers, normalised; None = uniform.
+        configs: the clients' adapter configs (LoraConfig or dict; one for all or K of them) giving
+            s_k = α/r or α/√r (rsLoRA) with rank_pattern/alpha_pattern; None = s_k = 1.
+        rank: output rank (default: per module, the clients' max rank).
+        method, solver: as in :func:`aggregate_lora`.
+        residual: ``"factored"`` keeps each module's residual, ``"none"`` drops it (reported).
+        profile: add per-module read time and byte counts to the report (it is stored either way).
+        **layer_kwargs: split, compute_dtype, generator, residual_energy, tau (see aggregate_lora).
+
+    Returns:
+        :class:`ModelAggregation` with ``state_dict`` (saved PEFT keys, input dtype), ``residuals``
+        (module → LowRank in the base weight's orientation), ``report`` and ``config``.
+    """
+    from fedmomentum_core.model import aggregate_state_dicts
+    return aggregate_state_dicts(client_state_dicts, weights, configs=configs, rank=rank, method=method,
+                                 solver=solver, residual=residual, profile=profile, **layer_kwargs)
 
 
 def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights=None, *,

@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ["demo", "profile"]
+SUBCOMMANDS = ["demo", "profile", "aggregate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,56 @@
+"""``fedmomentum aggregate``: aggregate PEFT LoRA adapter folders into one adapter (+ residual)."""
+from __future__ import annotations
+
+import sys
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers like 1,2,3, got {text!r}") from None
+
+
+def register(sub) -> None:
+    from fedmomentum_core import METHODS
+
+    p = sub.add_parser("aggregate", help="aggregate PEFT LoRA adapter folders into one adapter folder "
+                       "(+ residual.safetensors, or a merged base model)",
+                       description="Aggregate K PEFT LoRA adapter folders (adapter_model.safetensors + "
+                       "adapter_config.json) with FedMomentum or a baseline; reads one module at a time.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="client adapter folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="output adapter folder (written atomically)")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="client weights, e.g. sample counts 1,2,3 (normalised; default uniform)")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="output LoRA rank (default: the clients' max rank per module)")
+    p.add_argument("--method", default="fedmomentum", choices=sorted(METHODS), metavar="NAME",
+                   help=f"aggregation method: {', '.join(sorted(METHODS))} (default fedmomentum)")
+    p.add_argument("--solver", default="auto", choices=["auto", "exact", "randomized", "dense"],
+                   metavar="NAME", help="auto (default), exact, randomized or dense")
+    p.add_argument("--residual", default="save", choices=["save", "merge", "discard"],
+                   help="save: OUT/residual.safetensors (default); merge: into --base-model, written "
+                   "to --merged-out; discard: drop it (reported)")
+    p.add_argument("--base-model", default=None, metavar="DIR", help="transformers model folder (merge)")
+    p.add_argument("--merged-out", default=None, metavar="DIR", help="where the merged base model goes (merge)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .peft import aggregate_adapters
+
+    w = _weights(args.weights) if args.weights is not None else None
+    agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
+                             solver=args.solver, residual=args.residual, base_model=args.base_model,
+                             merged_out=args.merged_out, progress=True)
+    print(agg.summary())
+    where = f"adapter written to {args.out}"
+    if args.residual == "save" and agg.residuals:
+        where += " (with residual.safetensors)"
+    elif args.residual == "merge":
+        where += f"; merged base model written to {args.merged_out}"
+    elif args.residual == "discard":
+        where += "; residual discarded"
+    print(where)
+    sys.stdout.flush()
+    return 0
