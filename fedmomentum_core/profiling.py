@@ -4,14 +4,15 @@ records, memory budgets, and :func:`profile_round` (the engine of ``fedmomentum 
 Cost models (FLOPs = 2 x multiply-adds; ``k`` = R when the residual tail is formed, else r;
 ``ℓ = min(r + oversample, R, m, n)``):
 
-* ``exact``: Grams ``2(m+n)R²`` + forming U, V ``2(m+n)Rk`` + R x R work (two eigh ≈ 9R³ each,
-  one SVD ≈ 22R³, the core product and basis rotations ≈ 2R³ + 4R²k).
+* ``exact``: Grams ``2(m+n)R²`` + forming U and σV ``2(m+n)Rk`` + R x R work (two Cholesky,
+  two triangular inverses, C = L_B L_Aᵀ, C Cᵀ, its eigh ≈ 9R³; rotations 6R²k): ≈ 15.7R³ + 6R²k.
 * ``randomized``: ``2q+2`` products with ΔW or ΔWᵀ through the factors, ``2(m+n)Rℓ`` each, plus
-  ``probes`` Hutchinson columns, QRs ``≈ 4·rows·ℓ²`` each, rotations.
+  ``probes`` Hutchinson columns when ℓ < min(m, n, R), QRs ``≈ 4·rows·ℓ²`` each, rotations
+  ``2mℓr + 4mℓ·probes``.
 * ``dense`` (and the ``dense_full`` baseline): form ΔW ``2mnR`` + LAPACK SVD ≈ ``6·M·N² + 20·N³``
   (M = max(m, n), N = min(m, n), R-SVD with thin U, V; Golub & Van Loan table 8.6.1).
 * ``dense_lowrank`` baseline (the paper's server): form ΔW ``2mnR`` + ``torch.svd_lowrank``
-  ``(2q+2)·2mnℓ`` + its QRs.
+  ``(2q+2)·2mnℓ`` + the rotation ``2·max(m, n)·ℓ²`` + its QRs.
 
 Bytes are the unavoidable main-memory traffic: every client factor read once (input dtype) and the
 outputs written once (B, A in the input dtype; the residual in fp32, rank ``R − r`` for exact and
@@ -50,7 +51,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 #: baselines the profiler can run side by side
 BASELINES = ("dense_lowrank", "dense_full")
 
-_EIGH_C, _SVD_C = 9.0, 22.0
+#: R x R work of the exact solver per R³: two Cholesky (⅓ each), two triangular inverses (1 each),
+#: C = L_B L_Aᵀ and C Cᵀ (2 each), eigh with vectors (≈ 9)
+_SMALL_C = 2 / 3 + 2.0 + 4.0 + 9.0
 
 
 # ----------------------------------------------------------------------------- cost models
@@ -64,14 +67,16 @@ def solver_flops(m: int, n: int, R: int, r: int, solver: str, *, need_tail: bool
     if solver == "exact":
         k = R if need_tail else min(r, R)
         out = {"gram": 2.0 * (m + n) * R * R, "form_uv": 2.0 * (m + n) * R * k,
-               "small": (2 * _EIGH_C + _SVD_C + 2.0) * R ** 3 + 4.0 * R * R * k}
+               "small": _SMALL_C * R ** 3 + 6.0 * R * R * k}
     elif solver == "randomized":
         ell = max(1, min(r + oversample, R, m, n))
         passes = 2 * power_iters + 2
         k = min(r, ell)
-        out = {"products": 2.0 * (m + n) * R * (passes * ell + probes),
+        pr = probes if ell < min(m, n, R) else 0  # the Hutchinson tail estimate runs only then
+        out = {"products": 2.0 * (m + n) * R * (passes * ell + pr),
+               "rotate": 2.0 * m * ell * k + 4.0 * m * ell * pr,
                "qr": 4.0 * (m * (power_iters + 1) + n * power_iters) * ell * ell,
-               "small": 4.0 * n * ell * ell + 22.0 * ell ** 3 + 2.0 * m * ell * k + 4.0 * m * ell * probes}
+               "small": 4.0 * n * ell * ell + 22.0 * ell ** 3}
     elif solver == "dense":
         return _dense_full_flops(m, n, R)
     else:
@@ -96,6 +101,7 @@ def baseline_flops(m: int, n: int, R: int, r: int, baseline: str, *, oversample:
     if baseline == "dense_lowrank":
         q = min(r + oversample, m, n)
         out = {"form": 2.0 * m * n * R, "products": (2 * niter + 2) * 2.0 * m * n * q,
+               "rotate": 2.0 * max(m, n) * q * q,
                "qr": 4.0 * (niter + 1) * (m + n) * q * q + 22.0 * q ** 3}
         out["total"] = sum(out.values())
         return out
