@@ -67,7 +67,9 @@ def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
             fedex_lora, florist).
         solver: ``auto`` (cost model in ``fedmomentum_core.planner.choose_solver``), ``exact``,
             ``randomized`` or ``dense``.
-        residual: ``factored`` (a :class:`LowRank` in the compute dtype) or ``none``.
+        residual: ``factored`` (the SVD tail as a :class:`LowRank`, rank ≤ R − r, orthonormal left
+            factor, compute dtype), ``stacked`` (the exact remainder [B_cat | −UΣ][A_cat; Vᵀ], rank
+            R + r: skips the two tail products, the fastest exact form) or ``none``.
         split: ``balanced`` (B = U√Σ/√s, A = √Σ Vᵀ/√s) or ``left`` (A = Vᵀ, B = UΣ/s).
         compute_dtype: torch.float32 (default) or torch.float64; B and A come back in the input dtype.
         generator: seeds the randomized sketch, fresh directions and re-initialisations.

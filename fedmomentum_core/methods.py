@@ -31,7 +31,7 @@ from .validate import LayerInput, layer_prefix, validate_layer
 
 __all__ = ["METHODS", "register_method", "aggregate_layer", "aggregate_layers", "Options", "BATCH_BYTES"]
 
-_RESIDUAL_MODES = ("factored", "none")
+_RESIDUAL_MODES = ("factored", "stacked", "none")
 _SPLITS = ("balanced", "left")
 _COMPUTE = (torch.float32, torch.float64)
 _SOLVER_NAMES = ("auto", "exact", "randomized", "dense")
@@ -72,8 +72,9 @@ def _run_solver(inp: LayerInput, opt: Options, *, full_spectrum: bool, need_tail
         raise ValueError(f"{opt.prefix}solver='randomized' computes only the top singular values; "
                          "energy truncation (residual_energy < 1, florist) needs solver 'exact', "
                          "'dense' or 'auto'")
+    extra = {"stacked_remainder": True} if (opt.residual == "stacked" and name == "exact") else {}
     return SOLVERS[name](inp, opt.rank, dtype=opt.compute_dtype, need_tail=need_tail,
-                         generator=opt.generator)
+                         generator=opt.generator, **extra)
 
 
 def _fresh_rows(count: int, n: int, against: torch.Tensor, opt: Options, device) -> torch.Tensor:
@@ -168,7 +169,7 @@ def _rebuild(inp: LayerInput, opt: Options, svd: SVDFactors, r: int, *, residual
 def _finish(inp: LayerInput, opt: Options, *, B, A, residual, sv, kept, dropped, method, solver,
             exact, info=None) -> AggregationResult:
     out_B = None if B is None else B.to(inp.dtype).contiguous()
-    res = residual if opt.residual == "factored" else None
+    res = residual if opt.residual != "none" else None
     return AggregationResult(
         B=out_B, A=A.to(inp.dtype).contiguous(), residual=res,
         singular_values=sv.detach().to(torch.float32).cpu() if sv is not None else torch.zeros(0),
@@ -222,14 +223,16 @@ def fedmomentum(inp: LayerInput, opt: Options) -> AggregationResult:
     into the backbone now or later. ``residual_energy`` τ < 1 reproduces the paper's three-way split
     (top r → adapter, tail up to cumulative energy τ → residual, the rest dropped).
     """
-    keep_tail = opt.residual == "factored"
     full = opt.residual_energy < 1.0
-    svd = _run_solver(inp, opt, full_spectrum=full, need_tail=keep_tail)
+    if full and opt.residual == "stacked":
+        raise ValueError(f"{opt.prefix}residual='stacked' keeps the remainder unsplit; energy truncation "
+                         "(residual_energy < 1) needs residual='factored'")
+    svd = _run_solver(inp, opt, full_spectrum=full, need_tail=opt.residual == "factored")
     return _fedmomentum_result(inp, opt, svd)
 
 
 def _fedmomentum_result(inp: LayerInput, opt: Options, svd: SVDFactors) -> AggregationResult:
-    keep_tail = opt.residual == "factored"
+    keep_tail = opt.residual != "none"
     B, A, resid, kept, dropped = _rebuild(inp, opt, svd, opt.rank,
                                           residual_energy=opt.residual_energy, keep_tail=keep_tail)
     return _finish(inp, opt, B=B, A=A, residual=resid, sv=svd.S, kept=kept,
@@ -417,6 +420,8 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
         if batchable:
             chosen = solver if solver != "auto" else choose_solver(
                 inp.m, inp.n, inp.R, r, need_tail=residual == "factored", full_spectrum=False)
+            if residual == "stacked" and residual_energy < 1.0:
+                chosen = "per-layer"  # let aggregate_layer raise its clear error
             batchable = chosen == "exact"
         if batchable:
             key = (inp.m, inp.n, tuple(inp.ranks), inp.dtype, str(inp.device), r)
@@ -431,7 +436,8 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
             part = idxs[c0:c0 + chunk]
             t0 = time.perf_counter()
             inps = [prepared[i][0] for i in part]
-            svds = solve_exact_batch(inps, r, dtype=compute_dtype, need_tail=residual == "factored")
+            svds = solve_exact_batch(inps, r, dtype=compute_dtype, need_tail=residual == "factored",
+                                     stacked_remainder=residual == "stacked")
             for i, svd in zip(part, svds):
                 inp = prepared[i][0]
                 opt = Options(rank=r, solver="exact", residual=residual, split=split,

@@ -301,7 +301,8 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float) -> _Bat
 
 
 def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype = torch.float32,
-                      need_tail: bool = True, gram_tol: Optional[float] = None) -> list[SVDFactors]:
+                      need_tail: bool = True, gram_tol: Optional[float] = None,
+                      stacked_remainder: bool = False) -> list[SVDFactors]:
     """Exact SVD of ΔW_l = B_cat,l A_cat,l for L layers of one shape (same m, n, client ranks).
 
     1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side; Grams (the only
@@ -313,8 +314,12 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
        (= σ_i V_i) formed with one (m+n)·R·k product each side; V_i = (Q_A Cᵀ u_i)/σ_i for σ_i > 0.
        The identity holds for every σ, zero included, so the residual is exact whatever the
        conditioning.
-    ``need_tail=False`` forms only the top ``rank`` columns. Never allocates m x n.
+    ``need_tail=False`` forms only the top ``rank`` columns. ``stacked_remainder=True`` (implies
+    no tail) attaches the exact remainder ΔW − U S Vᵀ in stacked form ([B_cat | −U S], [A_cat; Vᵀ],
+    rank R + rank): no GEMM beyond the Grams and the top-r products. Never allocates m x n.
     """
+    if stacked_remainder:
+        need_tail = False
     if gram_tol is None:
         gram_tol = 1e-9 if dtype == torch.float64 else 1e-3
     Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype)
@@ -338,16 +343,22 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
                           torch.zeros_like(s[:k]))
         V = SV[li] * inv.to(dtype)[None, :]
+        rem = None
+        if stacked_remainder:
+            rem = LowRank(torch.cat([Bs.tall_dense(li), -U[li] * s[:k].to(dtype)[None, :]], 1),
+                          torch.cat([As.tall_dense(li).T, V.T], 0))
         out.append(SVDFactors(U=U[li], S=s.to(dtype), V=V, total_energy=float(lam[li].sum()),
-                              solver="exact", remainder=None, SV=SV[li],
+                              solver="exact", remainder=rem, SV=None if stacked_remainder else SV[li],
                               info={"basis": (bb.methods[li], ba.methods[li])}))
     return out
 
 
 def solve_exact(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.float32,
-                need_tail: bool = True, gram_tol: Optional[float] = None, **_) -> SVDFactors:
+                need_tail: bool = True, gram_tol: Optional[float] = None,
+                stacked_remainder: bool = False, **_) -> SVDFactors:
     """Exact thin SVD of one layer's ΔW from the stacked factors (see :func:`solve_exact_batch`)."""
-    return solve_exact_batch([inp], rank, dtype=dtype, need_tail=need_tail, gram_tol=gram_tol)[0]
+    return solve_exact_batch([inp], rank, dtype=dtype, need_tail=need_tail, gram_tol=gram_tol,
+                             stacked_remainder=stacked_remainder)[0]
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:

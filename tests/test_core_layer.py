@@ -246,3 +246,27 @@ def test_batched_layers_equal_per_layer():
         assert rel_err(r.delta(), one.delta()) < 1e-6
         assert rel_err(r.delta(), reference_delta(B, A, [1, 2, 3])) < 2e-6
     assert res[0].info["batched"] == 5 and res[5].info["batched"] == 1
+
+
+@pytest.mark.parametrize("solver", ["exact", "auto"])
+def test_stacked_residual_is_exact_and_matches_factored(solver):
+    B, A = make_clients(90, 70, [4, 6, 8], seed=30)
+    ref = reference_delta(B, A, [2, 1, 1], 1.5)
+    st = fm.aggregate_lora(B, A, [2, 1, 1], scalings=1.5, residual="stacked", solver=solver)
+    fa = fm.aggregate_lora(B, A, [2, 1, 1], scalings=1.5, residual="factored", solver=solver)
+    assert st.residual.rank == 18 + 8 and st.exact
+    assert rel_err(st.delta(), ref) < 2e-6
+    assert rel_err(st.B.double() @ st.A.double(), fa.B.double() @ fa.A.double()) < 1e-5
+    assert rel_err(st.residual.to_dense(torch.float64), fa.residual.to_dense(torch.float64)) < 1e-4
+    with pytest.raises(ValueError, match="stacked"):
+        fm.aggregate_lora(B, A, residual="stacked", residual_energy=0.9)
+
+
+def test_stacked_residual_batched_and_dead_directions():
+    from fedmomentum_core import aggregate_layers
+    layers = [make_clients(60, 40, [3, 3], seed=50 + i) for i in range(3)]
+    res = aggregate_layers(layers, residual="stacked", rank=8, solver="exact")
+    for (B, A), r in zip(layers, res):
+        assert r.info["batched"] == 3
+        assert rel_err(r.delta(), reference_delta(B, A)) < 2e-6
+        assert torch.count_nonzero(r.B[:, 6:]) == 0  # ΔW has rank 6 < 8: dead directions
