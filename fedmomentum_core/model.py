@@ -33,7 +33,10 @@ nn.Linear, ΔW'ᵀ for GPT-2 Conv1D (``fan_in_fan_out=True``) and for nn.Embeddi
 lora_embedding_A is r x num_embeddings and lora_embedding_B is embedding_dim x r). Residuals are
 returned in the base weight's orientation, so merging is always ``weight += left @ right``.
 
-Non-LoRA tensors (``modules_to_save`` copies, biases trained with ``bias="all"/"lora_only"``,
+Frozen base-layer copies that PEFT saves next to a targeted Embedding's LoRA
+(``<module>.base_layer.weight``, ``save_embedding_layers``) are not carried to the output (they
+would overwrite a merged residual when the adapter is loaded); they are listed in
+``ModelAggregation.skipped_keys``. Other non-LoRA tensors (``modules_to_save`` copies, biases trained with ``bias="all"/"lora_only"``,
 trainable tokens): averaged FedAvg-style with the normalised client weights p_k (computed in
 fp32, returned in the input dtype); every client must hold the key with one shape. Refused with a
 ValueError: DoRA magnitude vectors (``lora_magnitude_vector``: they depend on the merged weight's
@@ -254,6 +257,9 @@ class ModelPlan:
     modules: tuple[ModuleSpec, ...]
     other_keys: tuple[tuple[str, ...], ...] = ()   #: per client, same order (matching names)
     other_shapes: tuple[tuple[int, ...], ...] = ()
+    #: keys not carried to the output: ``<lora module>.base_layer.*`` copies of frozen base weights
+    #: that PEFT saves for targeted Embedding layers (``save_embedding_layers``)
+    skipped_keys: tuple[str, ...] = ()
 
     @property
     def K(self) -> int:
@@ -307,13 +313,18 @@ def plan_modules(client_shapes: Sequence[Mapping[str, Sequence[int]]],
     p = _normalise_weights(weights, K)
     groups = []
     others = []
+    skipped: set[str] = set()
     for k, shapes in enumerate(client_shapes):
         g, o = group_lora_keys(shapes.keys(), client=names[k])
         if not g:
             raise ValueError(f"{names[k]}: no LoRA factors found (expected keys like "
                              "'<module>.lora_A.weight' / '<module>.lora_B.weight')")
         groups.append(g)
-        others.append(o)
+        # PEFT saves the frozen base layer of a targeted Embedding (save_embedding_layers): a copy of
+        # the base weight, not an update. It is not written to the output (loading it would undo a
+        # merged residual); the base model provides it.
+        others.append([key for key in o if not any(key.startswith(f"{mod}.base_layer.") for mod in g)])
+        skipped.update(key for key in o if key not in others[-1])
     ref_mods = set(groups[0])
     for k in range(1, K):
         mods = set(groups[k])
@@ -382,7 +393,8 @@ def plan_modules(client_shapes: Sequence[Mapping[str, Sequence[int]]],
                                  f"(as in {names[0]})")
         oshapes.append(s0)
     return ModelPlan(tuple(names), tuple(p), tuple(cfgs), tuple(specs),
-                     tuple(tuple(ref_other) for _ in range(K)), tuple(oshapes))
+                     tuple(tuple(ref_other) for _ in range(K)), tuple(oshapes),
+                     tuple(sorted(skipped, key=_natural_key)))
 
 
 # ----------------------------------------------------------------------------- results
@@ -445,6 +457,8 @@ class ModelAggregation:
     residual_mode: str = "factored"
     seconds: float = 0.0
     profile: bool = False
+    #: input keys deliberately not carried over (frozen base-layer copies, see :class:`ModelPlan`)
+    skipped_keys: list = field(default_factory=list)
 
     def summary(self) -> str:
         """The closing table the CLI prints."""
@@ -660,7 +674,8 @@ def run_plan(plan: ModelPlan, load_factors: FactorLoader, load_other: Optional[T
         mode = "none"
     return ModelAggregation(state_dict=state, residuals=residuals, report=[r.report for r in results],
                             config=cfg, method=method, residual_mode=mode,
-                            seconds=time.perf_counter() - t_all, profile=profile)
+                            seconds=time.perf_counter() - t_all, profile=profile,
+                            skipped_keys=list(plan.skipped_keys))
 
 
 def aggregate_state_dicts(client_state_dicts: Sequence[Mapping[str, torch.Tensor]], weights=None, *,
