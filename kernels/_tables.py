@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["interpret_mode", "input_precision", "factor_dtype", "common_dtype", "tall_table",
+__all__ = ["interpret_mode", "input_precision", "needs_f32_dot", "factor_dtype", "common_dtype", "tall_table",
            "chunk_table", "pair_table", "client_offsets", "KernelConfig", "config_for"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,6 +36,16 @@ def input_precision(device: torch.device) -> str:
     if device.type == "cuda" and not interpret_mode() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def needs_f32_dot(dtype: torch.dtype) -> bool:
+    """True when tiles of ``dtype`` must be upcast to fp32 before ``tl.dot``.
+
+    Only in the interpreter for bfloat16: Triton 3.x's interpreter multiplies the raw uint16
+    bits of bf16 tiles in ``tl.dot``. Upcasting is numerically the same (a bf16 x bf16 product is
+    exact in fp32 and the accumulation is fp32 either way); on GPU bf16 stays on the tensor cores.
+    """
+    return dtype == torch.bfloat16 and interpret_mode()
 
 
 def factor_dtype(tensors: Sequence[torch.Tensor], what: str) -> torch.dtype:

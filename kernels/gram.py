@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import chunk_table, common_dtype, config_for, input_precision, pair_table, tall_table
+from ._tables import (chunk_table, common_dtype, config_for, input_precision, needs_f32_dot, pair_table,
+                      tall_table)
 
 __all__ = ["stacked_gram", "batched_stacked_gram", "launch_stacked_gram"]
 
@@ -128,10 +129,11 @@ def launch_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequen
     tab = tall_table(layers, side, dev)
     coef = torch.tensor([[float(c) for c in cs] for cs in coeffs], dtype=torch.float32).reshape(-1).to(dev)
     # One dtype on both sides of every tl.dot (fp32, or bf16/fp16 with fp32 accumulation).
+    cast = needs_f32_dot(flat[0].dtype)
     _stacked_gram_kernel[(P, L, S)](
         g, tab, coef, chunks, pairs, flat[0], K, rows, per,
         g.stride(0), g.stride(1), g.stride(2), g.stride(3),
-        CAST_F32=False, INPUT_PRECISION=input_precision(dev),
+        CAST_F32=cast, INPUT_PRECISION=input_precision(dev),
         BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t,
         num_warps=4, num_stages=cfg.num_stages)
     return g[0] if S == 1 else g.sum(dim=0)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import common_dtype, config_for, input_precision
+from ._tables import common_dtype, config_for, input_precision, needs_f32_dot
 
 __all__ = ["lowrank_accumulate_", "launch_lowrank_accumulate"]
 
@@ -90,7 +90,8 @@ def launch_lowrank_accumulate(out: torch.Tensor, lefts: Sequence[torch.Tensor],
         return out
     ls, _ = common_dtype([lefts[i] for i in keep], "left factor")
     rs, _ = common_dtype([rights[i] for i in keep], "right factor")
-    cast = not (ls[0].dtype == rs[0].dtype and ls[0].dtype in (torch.float16, torch.bfloat16))
+    cast = (not (ls[0].dtype == rs[0].dtype and ls[0].dtype in (torch.float16, torch.bfloat16))
+            or needs_f32_dot(ls[0].dtype))
     dev = out.device
     tab = torch.tensor([(l.data_ptr(), l.stride(0), l.stride(1), r.data_ptr(), r.stride(0), r.stride(1),
                          l.shape[1]) for l, r in zip(ls, rs)], dtype=torch.int64).to(dev)
