@@ -46,16 +46,18 @@ class CheckedFedMomentum(FedMomentumStrategy):
 
 def make_server_app(rounds: int = 2, clients: int = 3, *, method: str = "fedmomentum",
                     rank: Optional[int] = None, solver: str = "auto", residual: str = "ship",
-                    local_steps: int = 5, check: bool = True):
+                    local_steps: int = 5, check: bool = True, strategy_cls=None):
     """Build the ServerApp; returns ``(app, holder)`` with ``holder["strategy"]`` and
-    ``holder["result"]`` filled in once the app has run."""
+    ``holder["result"]`` filled in once the app has run. ``strategy_cls`` (default
+    :class:`CheckedFedMomentum`) may be a subclass, e.g. one that records more."""
+    strategy_cls = strategy_cls or CheckedFedMomentum
     app = ServerApp()
     holder: dict = {}
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         model = task.build_model()
-        strategy = CheckedFedMomentum(
+        strategy = strategy_cls(
             method=method, rank=rank, solver=solver, residual=residual,
             lora_config=task.lora_config(), base=model,
             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=clients,
