@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ["demo", "profile", "aggregate"]
+SUBCOMMANDS = ["demo", "profile", "aggregate", "experiment"]
 
 
 def build_parser() -> argparse.ArgumentParser:
