@@ -334,10 +334,10 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int = 10
     clients: int = 10
-    clients_per_round: int = 4
+    clients_per_round: int = 3
     local_steps: int = 5
-    batch_size: int = 16
-    lr: float = 1e-3
+    batch_size: int = 8
+    lr: float = 3e-3
     weight_decay: float = 0.0
     rank: int = 8
     lora_alpha: float = 16.0
@@ -346,8 +346,8 @@ class ExperimentConfig:
     optimizer_state: str = "reset"
     solver: str = "auto"
     max_length: int = 32
-    trainable_layers: int = 2
-    test_fraction: float = 0.2
+    trainable_layers: int = 1
+    test_fraction: float = 0.1
     split_seed: int = 1234
     target_accuracy: float = 0.9
     max_docs: Optional[int] = None
@@ -600,7 +600,7 @@ class Federation:
         return RoundRecord(rnd, chosen, loss, secs, energy, updates if keep_updates else [])
 
     @torch.inference_mode()
-    def evaluate(self, batch_size: int = 256) -> tuple[float, float]:
+    def evaluate(self, batch_size: int = 64) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the server model on the held-out set. A pending
         (not yet merged) fedmomentum residual is included: the exact server model."""
         saved = {}
