@@ -434,7 +434,10 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
         progress: tqdm bar over modules. ``profile``: extra per-module numbers in the report.
         **layer_kwargs: passed to ``aggregate_lora`` (split, compute_dtype, generator, tau, ...).
 
-    Reads one module's factors at a time (lazy ``safe_open``). On any error (bad input: a clear
+    Reads one module's factors at a time (lazy ``safe_open``): the K inputs are never all in
+    memory. What is kept until the end is the output (the new rank-r adapter and, unless
+    ``residual="discard"``, each module's factored residual of rank ≤ R − r, returned in
+    ``ModelAggregation.residuals``); ``residual="merge"`` additionally loads the base model. On any error (bad input: a clear
     ValueError naming the client folder and module) neither ``out_dir`` nor ``merged_out`` is
     created or modified. Returns the :class:`~fedmomentum_core.model.ModelAggregation`.
     """

@@ -12,8 +12,8 @@ import torch
 
 import fedmomentum as fm
 from fedmomentum_core import LowRank
-from fedmomentum_core.model import (ModelAggregation, client_scaling, group_lora_keys, peft_pattern_key,
-                                    plan_modules)
+from fedmomentum_core.model import (ModelAggregation, aggregate_state_dicts, client_scaling, group_lora_keys,
+                                    peft_pattern_key, plan_modules)
 
 P = "base_model.model."
 
@@ -229,9 +229,11 @@ def test_bad_inputs_name_client_and_module():
     nan = {k: v.clone() for k, v in sds[1].items()}
     nan[f"{P}model.layers.1.q_proj.lora_B.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layers.1.q_proj.*client 1 \(c1\).*NaN"):
-        plan_modules  # noqa: B018 (imported API)
-        from fedmomentum_core.model import aggregate_state_dicts
         aggregate_state_dicts([sds[0], nan], client_names=["c0", "c1"])
+    plan = plan_modules([{k: tuple(v.shape) for k, v in sd.items()} for sd in sds], {"r": 4, "lora_alpha": 8})
+    assert [s.rel_name for s in plan.modules] == ["model.layers.0.down_proj", "model.layers.0.q_proj",
+                                                  "model.layers.1.q_proj"]
+    assert plan.modules[0].scalings == (2.0, 2.0, 2.0) and plan.modules[0].weight_shape == (16, 40)
     with pytest.raises(TypeError, match="single mapping"):
         fm.aggregate(sds[0])
     with pytest.raises(ValueError, match="client 0: no LoRA factors"):
