@@ -42,10 +42,10 @@ def run(args) -> int:
     w = _weights(args.weights) if args.weights is not None else None
     agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
                              solver=args.solver, residual=args.residual, base_model=args.base_model,
-                             merged_out=args.merged_out, progress=True)
+                             merged_out=args.merged_out, progress=True, keep_residuals=False)
     print(agg.summary())
     where = f"adapter written to {args.out}"
-    if args.residual == "save" and agg.residuals:
+    if args.residual == "save" and agg.residual_mode == "factored":
         where += " (with residual.safetensors)"
     elif args.residual == "merge":
         where += f"; merged base model written to {args.merged_out}"

@@ -67,6 +67,7 @@ from fedmomentum_core.types import LowRank
 __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "RESIDUAL_FILE", "AdapterPlan", "read_adapter_config",
     "plan_adapters", "load_module_factors", "aggregate_adapter_module", "write_adapter_dir",
+    "SafetensorsStreamWriter",
     "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
 ]
 
@@ -243,6 +244,67 @@ def _residual_tensors(residuals: Mapping[str, LowRank]) -> dict[str, torch.Tenso
     return _plain_tensors(d)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file one tensor at a time (memory: one tensor).
+
+    Tensor bytes go to a side file as they are added; :meth:`close` writes the header and appends
+    the data (the standard format: 8-byte little-endian header size, JSON header padded to 8
+    bytes, raw little-endian data), so the result reads with ``safe_open`` / ``load_file``.
+    :meth:`abort` removes everything.
+    """
+
+    def __init__(self, path: PathLike, metadata: Optional[Mapping[str, str]] = None):
+        self.path = Path(path)
+        self._data_path = self.path.with_name(self.path.name + ".data")
+        self._fh = open(self._data_path, "wb")
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+        self.metadata = dict(metadata or {})
+
+    @property
+    def count(self) -> int:
+        return len(self._header)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"tensor {name!r} added twice")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} not supported")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self._fh.write(raw)
+        self._header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._offset, self._offset + len(raw)]}
+        self._offset += len(raw)
+
+    def close(self) -> Path:
+        import struct
+
+        self._fh.close()
+        header = dict(self._header)
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(hb)))
+            out.write(hb)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.unlink(self._data_path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        for p in (self._data_path, self.path):
+            if p.exists():
+                p.unlink()
+
+
 def save_residuals(path: PathLike, residuals: Mapping[str, LowRank]) -> None:
     """Write ``residuals`` to a safetensors file (keys ``<module>.residual_left/_right``)."""
     _, save_file = _safetensors()
@@ -387,6 +449,14 @@ _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
+def _save_model(model, base_model: PathLike, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+    for name in _COPY_FILES:
+        src = Path(base_model) / name
+        if src.is_file() and not (folder / name).exists():
+            shutil.copy2(src, folder / name)
+
+
 def merge_base_model(base_model: PathLike, residuals: Mapping[str, LowRank], merged_out: PathLike) -> Path:
     """Load the transformers model in ``base_model``, merge ``residuals``, ``save_pretrained`` it to
     ``merged_out`` atomically (tokenizer files are copied along)."""
@@ -395,11 +465,7 @@ def merge_base_model(base_model: PathLike, residuals: Mapping[str, LowRank], mer
     target = Path(merged_out)
     tmp = _tmp_next_to(target)
     try:
-        model.save_pretrained(str(tmp))
-        for name in _COPY_FILES:
-            src = Path(base_model) / name
-            if src.is_file() and not (tmp / name).exists():
-                shutil.copy2(src, tmp / name)
+        _save_model(model, base_model, tmp)
         _install(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -418,7 +484,8 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
                        rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
                        residual: str = "save", base_model: Optional[PathLike] = None,
                        merged_out: Optional[PathLike] = None, progress: bool = False,
-                       profile: bool = False, **layer_kwargs) -> ModelAggregation:
+                       profile: bool = False, keep_residuals: bool = True,
+                       **layer_kwargs) -> ModelAggregation:
     """Aggregate K PEFT LoRA adapter folders into one adapter folder ``out_dir``.
 
     Args:
@@ -432,12 +499,18 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
             ``save_pretrained``s it to ``merged_out``; ``"discard"`` drops the residual (the report
             says so and gives the energy dropped per module).
         progress: tqdm bar over modules. ``profile``: extra per-module numbers in the report.
+        keep_residuals: True (default) returns every residual in ``ModelAggregation.residuals``;
+            False streams each module's residual to ``residual.safetensors`` (``"save"``) or merges
+            it into the loaded base model (``"merge"``) as soon as it is computed and keeps none
+            (``residuals`` is then empty): memory is one module's factors plus the output adapter.
+            The CLI uses False.
         **layer_kwargs: passed to ``aggregate_lora`` (split, compute_dtype, generator, tau, ...).
 
     Reads one module's factors at a time (lazy ``safe_open``): the K inputs are never all in
     memory. What is kept until the end is the output (the new rank-r adapter and, unless
-    ``residual="discard"``, each module's factored residual of rank ≤ R − r, returned in
-    ``ModelAggregation.residuals``); ``residual="merge"`` additionally loads the base model. On any error (bad input: a clear
+    ``residual="discard"`` or ``keep_residuals=False``, each module's factored residual of rank
+    ≤ R − r, returned in ``ModelAggregation.residuals``); ``residual="merge"`` additionally loads
+    the base model. On any error (bad input: a clear
     ValueError naming the client folder and module) neither ``out_dir`` nor ``merged_out`` is
     created or modified. Returns the :class:`~fedmomentum_core.model.ModelAggregation`.
     """
@@ -459,8 +532,27 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
     safe_open, _ = _safetensors()
     aplan = plan_adapters(adapter_dirs, weights)
     core_residual = "none" if residual == "discard" else "factored"
+    target = Path(out_dir)
+    tmp = _tmp_next_to(target)
     handles, ctxs = [], []
+    writer = None
+    merged_tmp = None
     try:
+        model = None
+        on_module = None
+        if not keep_residuals and residual == "save":
+            writer = SafetensorsStreamWriter(tmp / RESIDUAL_FILE, metadata={"format": "pt", "fedmomentum": "residual"})
+
+            def on_module(res: ModuleResult) -> None:
+                if res.residual is not None:
+                    writer.add(f"{res.report.name}.residual_left", res.residual.left)
+                    writer.add(f"{res.report.name}.residual_right", res.residual.right)
+        elif not keep_residuals and residual == "merge":
+            model = _load_base(base_model)  # merged module by module; written only at the end
+
+            def on_module(res: ModuleResult) -> None:
+                if res.residual is not None:
+                    merge_residuals_(model, {res.report.name: res.residual})
         for f in aplan.files:
             ctx = safe_open(str(f), framework="pt")
             ctxs.append(ctx)
@@ -468,24 +560,37 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
         agg = run_plan(aplan.plan, lambda spec: load_module_factors(aplan, spec, handles),
                        lambda key: _load_other(aplan, handles, key), rank=rank, method=method,
                        solver=solver, residual=core_residual, progress=progress, profile=profile,
-                       **layer_kwargs)
-    finally:
+                       on_module=on_module, keep_residuals=keep_residuals, **layer_kwargs)
         for ctx in ctxs:
             ctx.__exit__(None, None, None)
-    if method == "fedsa_lora":
-        agg.config["fedmomentum_note"] = ("fedsa_lora: lora_A only; clients keep their own lora_B "
-                                          "(load with set_peft_model_state_dict)")
-    report = _report_json(agg)
-    target = Path(out_dir)
-    tmp = _tmp_next_to(target)
-    try:
+        ctxs = []
+        if method == "fedsa_lora":
+            agg.config["fedmomentum_note"] = ("fedsa_lora: lora_A only; clients keep their own lora_B "
+                                              "(load with set_peft_model_state_dict)")
+        if writer is not None:
+            writer.close()
+            if not writer.count:
+                (tmp / RESIDUAL_FILE).unlink()
+            writer = None
         _fill_adapter_dir(tmp, agg.state_dict, agg.config,
-                          agg.residuals if residual == "save" else None, report)
+                          agg.residuals if (residual == "save" and keep_residuals) else None, _report_json(agg))
         if residual == "merge":
-            merge_base_model(base_model, agg.residuals, merged_out)
+            if model is None:
+                merge_base_model(base_model, agg.residuals, merged_out)
+            else:
+                merged_tmp = _tmp_next_to(Path(merged_out))
+                _save_model(model, base_model, merged_tmp)
+                _install(merged_tmp, Path(merged_out))
+                merged_tmp = None
         _install(tmp, target)
     except BaseException:
+        if writer is not None:
+            writer.abort()
+        for ctx in ctxs:
+            ctx.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
+        if merged_tmp is not None:
+            shutil.rmtree(merged_tmp, ignore_errors=True)
         raise
     return agg
 

@@ -51,16 +51,19 @@ for every client (ΔW = Σ p_k B_k A_k) and the output config gets ``lora_alpha 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from . import profiling as _profiling
 from .methods import METHODS, aggregate_layer
+from .planner import choose_solver
 from .types import LowRank
 
 __all__ = [
@@ -419,6 +422,11 @@ class ModuleReport:
     exact: bool = True
     read_seconds: float = 0.0   #: time to load this module's client factors
     info: dict = field(default_factory=dict)
+    #: with ``profile=True`` (see :mod:`fedmomentum_core.profiling`): modelled FLOPs, bytes read +
+    #: written, and the peak memory growth while this module was read and aggregated; else None
+    flops: Optional[float] = None
+    bytes: Optional[int] = None
+    peak_memory_bytes: Optional[int] = None
 
 
 @dataclass
@@ -609,19 +617,27 @@ def _check_method_residual(method: str, residual: str) -> None:
 def run_plan(plan: ModelPlan, load_factors: FactorLoader, load_other: Optional[TensorLoader] = None, *,
              rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
              residual: str = "factored", progress: bool = False, profile: bool = False,
-             on_module: Optional[Callable[[ModuleResult], None]] = None,
-             **layer_kwargs) -> ModelAggregation:
+             on_module: Optional[Callable[[ModuleResult], None]] = None, keep_residuals: bool = True,
+             max_memory: Union[str, int, None] = None, **layer_kwargs) -> ModelAggregation:
     """Aggregate every module of ``plan``, loading one module's client factors at a time.
 
     ``load_factors(spec)`` returns ``(B_list, A_list)`` for that module (lora_B, lora_A per client);
     ``load_other(key)`` the K tensors of a non-LoRA key (averaged with p_k). ``on_module`` sees each
-    :class:`ModuleResult` as it is produced (e.g. to merge its residual at once). With
+    :class:`ModuleResult` as it is produced (e.g. to stream or merge its residual at once);
+    ``keep_residuals=False`` then drops each residual after ``on_module`` (memory: one module). With
     ``progress`` a tqdm bar runs over the modules; ``profile`` adds per-module read time and byte
-    counts to :class:`ModuleReport.info` (the report is stored either way).
+    counts to :class:`ModuleReport.info` (the report is stored either way) and fills the
+    report's ``flops``, ``bytes`` and ``peak_memory_bytes`` (:mod:`fedmomentum_core.profiling`).
+    ``max_memory`` (e.g. ``"2GB"``) is a budget for the memory this call holds on top of its
+    inputs' storage: one module's factors and work at a time plus the outputs kept until the end;
+    it is checked from the shapes before anything is read (ValueError naming the module that
+    cannot fit, or saying that the kept outputs alone exceed it).
     """
     _check_method_residual(method, residual)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"rank must be an int or None, got {type(rank).__name__}")
+    if max_memory is not None:
+        _check_budget(plan, max_memory, rank=rank, solver=solver, residual=residual)
     out_rs = all(c.get("use_rslora", False) if c else False for c in plan.configs)
     t_all = time.perf_counter()
     it: Iterable[ModuleSpec] = plan.modules
@@ -635,18 +651,22 @@ def run_plan(plan: ModelPlan, load_factors: FactorLoader, load_other: Optional[T
     residuals: dict[str, LowRank] = {}
     try:
         for spec in it:
-            t0 = time.perf_counter()
-            B, A = load_factors(spec)
-            t_read = time.perf_counter() - t0
-            res = aggregate_module(spec, B, A, plan.p, rank=rank, method=method, solver=solver,
-                                   residual=residual, out_use_rslora=out_rs, clients=plan.clients,
-                                   read_seconds=t_read, **layer_kwargs)
+            pm = _profiling.PeakMemory("cpu") if profile else contextlib.nullcontext()
+            with pm:
+                t0 = time.perf_counter()
+                B, A = load_factors(spec)
+                t_read = time.perf_counter() - t0
+                res = aggregate_module(spec, B, A, plan.p, rank=rank, method=method, solver=solver,
+                                       residual=residual, out_use_rslora=out_rs, clients=plan.clients,
+                                       read_seconds=t_read, **layer_kwargs)
             if profile:
                 res.report.info["input_bytes"] = sum(t.numel() * t.element_size() for t in list(B) + list(A))
                 res.report.info["residual_bytes"] = 0 if res.residual is None else res.residual.nbytes
+                _attach_profile(res.report, B[0].element_size() if len(B) else 4, pm.delta_bytes,
+                                residual == "factored")
             del B, A
             state.update(res.tensors)
-            if res.residual is not None:
+            if res.residual is not None and keep_residuals:
                 residuals[spec.name] = res.residual
             if on_module is not None:
                 on_module(res)
@@ -670,12 +690,51 @@ def run_plan(plan: ModelPlan, load_factors: FactorLoader, load_other: Optional[T
             state[key] = acc.to(ts[0].dtype)
     cfg = output_config(plan, results, rank=rank, base=plan.configs[0])
     mode = "factored" if residual == "factored" else "discarded"
-    if residual == "factored" and not residuals:
+    if residual == "factored" and not any(r.report.residual_rank for r in results):
         mode = "none"
     return ModelAggregation(state_dict=state, residuals=residuals, report=[r.report for r in results],
                             config=cfg, method=method, residual_mode=mode,
                             seconds=time.perf_counter() - t_all, profile=profile,
                             skipped_keys=list(plan.skipped_keys))
+
+
+def _attach_profile(rep: ModuleReport, itemsize: int, peak: int, residual: bool) -> None:
+    """Fill ``rep.flops``/``bytes``/``peak_memory_bytes`` and ``rep.info["profile"]`` (the same
+    record as ``fedmomentum profile`` writes per module)."""
+    rec = _profiling.module_record(rep.name, rep.shape[0], rep.shape[1], rep.ranks, rep.rank,
+                                   rep.solver, rep.seconds, rep.energy_kept, itemsize=itemsize,
+                                   peak_memory_bytes=peak, residual=residual, kind=rep.kind)
+    rep.flops, rep.bytes, rep.peak_memory_bytes = rec.flops, rec.bytes, rec.peak_memory_bytes
+    rep.info["profile"] = rec.to_dict()
+
+
+def _check_budget(plan: ModelPlan, max_memory, *, rank, solver: str, residual: str) -> None:
+    """Raise ValueError when ``plan`` cannot run within ``max_memory`` bytes (estimates of
+    :func:`fedmomentum_core.profiling.module_memory_bytes`, fp32 factors assumed: conservative)."""
+    budget = _profiling.parse_memory(max_memory)
+    kept = 0
+    worst, worst_name = 0, ""
+    for spec in plan.modules:
+        r = rank if rank is not None else max(spec.ranks)
+        R = sum(spec.ranks)
+        r = max(1, min(r, spec.m, spec.n))
+        s = solver if solver in ("exact", "randomized", "dense") else choose_solver(spec.m, spec.n, R, r)
+        need = _profiling.module_memory_bytes(spec.m, spec.n, spec.ranks, r, s, itemsize=4)
+        if need > budget:
+            raise ValueError(f"module {spec.name!r} ({spec.m} x {spec.n}, R={R}) alone needs about "
+                             f"{_profiling._fmt_bytes(need)} to aggregate but max_memory is "
+                             f"{_profiling._fmt_bytes(budget)}; raise max_memory to at least "
+                             f"{_profiling._fmt_bytes(need)}")
+        if need > worst:
+            worst, worst_name = need, spec.name
+        kept += (spec.m + spec.n) * r * 4
+        if residual == "factored":
+            kept += (spec.m + spec.n) * (R + r) * 4
+    if worst + kept > budget:
+        raise ValueError(f"max_memory {_profiling._fmt_bytes(budget)} is too small for this round: the "
+                         f"outputs kept until the end (new adapter + residuals) need about "
+                         f"{_profiling._fmt_bytes(kept)} and the largest module ({worst_name}) "
+                         f"{_profiling._fmt_bytes(worst)} more; raise max_memory, or discard the residual")
 
 
 def aggregate_state_dicts(client_state_dicts: Sequence[Mapping[str, torch.Tensor]], weights=None, *,

@@ -282,3 +282,52 @@ def test_merge_residuals_checks_before_touching(llama):
         merge_residuals_(model, {"model.layers.9.q_proj": good})
     merge_residuals_(model, {"model.layers.0.self_attn.q_proj": good})  # prefix-less names work too
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, w0 + 1)
+
+
+def test_streamed_residuals_equal_kept_ones(llama, tmp_path):
+    dirs = llama["dirs"]
+    kept = aggregate_adapters(dirs, tmp_path / "a", [1, 2, 3], rank=2)
+    streamed = aggregate_adapters(dirs, tmp_path / "b", [1, 2, 3], rank=2, keep_residuals=False)
+    assert streamed.residuals == {} and streamed.residual_mode == "factored"
+    ra, rb = load_residuals(tmp_path / "a"), load_residuals(tmp_path / "b")
+    assert set(ra) == set(rb) == set(kept.residuals) and len(ra) == 14
+    for name in ra:
+        assert torch.equal(ra[name].left, rb[name].left) and torch.equal(ra[name].right, rb[name].right)
+        assert torch.equal(ra[name].left, kept.residuals[name].left)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_stream_writer_format(tmp_path):
+    from safetensors.torch import load_file
+
+    from fedmomentum.peft import SafetensorsStreamWriter
+    ts = {"x.residual_left": torch.randn(5, 3), "y": torch.randn(2, 7, dtype=torch.float64),
+          "z": torch.randn(4, 1).to(torch.bfloat16), "empty": torch.zeros(3, 0)}
+    w = SafetensorsStreamWriter(tmp_path / "f.safetensors", metadata={"format": "pt"})
+    for k, v in ts.items():
+        w.add(k, v)
+    w.close()
+    back = load_file(str(tmp_path / "f.safetensors"))
+    assert set(back) == set(ts) and all(torch.equal(back[k], v) for k, v in ts.items())
+    assert os.listdir(tmp_path) == ["f.safetensors"]
+    w = SafetensorsStreamWriter(tmp_path / "g.safetensors")
+    w.add("a", torch.ones(2))
+    w.abort()
+    assert os.listdir(tmp_path) == ["f.safetensors"]
+
+
+def test_streamed_merge_and_late_error(llama, tmp_path):
+    base, dirs = llama["base"], llama["dirs"]
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    agg = aggregate_adapters(dirs, out, rank=3, residual="merge", base_model=base, merged_out=merged,
+                             keep_residuals=False)
+    assert agg.residuals == {}
+    ids = input_ids()
+    assert rel_err(_peft_logits(merged, out, ids), logits(reference_model(base, dirs), ids)) <= TOL
+    bad, _ = _nan_late(_copy_clients(llama, tmp_path / "bad"), llama)
+    with pytest.raises(ValueError, match=r"c2.*NaN"):
+        aggregate_adapters(bad, tmp_path / "o2", residual="merge", base_model=base, merged_out=tmp_path / "m2",
+                           keep_residuals=False)
+    with pytest.raises(ValueError, match=r"c2.*NaN"):
+        aggregate_adapters(bad, tmp_path / "o3", keep_residuals=False)
+    assert sorted(os.listdir(tmp_path)) == ["bad", "merged", "out"]
