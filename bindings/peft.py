@@ -12,6 +12,8 @@ distributed drivers reuse:
   lazily with ``safe_open`` and aggregate it (memory: one module's K factors at a time).
 * :func:`write_adapter_dir` — writes the output folder atomically (into a temporary folder next
   to ``out_dir``, then renamed; on error nothing half-written remains).
+  :class:`SafetensorsStreamWriter` writes a safetensors file one tensor at a time (used by
+  ``aggregate_adapters(..., keep_residuals=False)`` and the CLI to stream residuals to disk).
 * :func:`save_residuals` / :func:`load_residuals` / :func:`merge_residuals_` /
   :func:`merge_base_model` — the residual file and merging it into a base model.
 

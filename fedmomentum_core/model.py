@@ -36,7 +36,9 @@ returned in the base weight's orientation, so merging is always ``weight += left
 Frozen base-layer copies that PEFT saves next to a targeted Embedding's LoRA
 (``<module>.base_layer.weight``, ``save_embedding_layers``) are not carried to the output (they
 would overwrite a merged residual when the adapter is loaded); they are listed in
-``ModelAggregation.skipped_keys``. Other non-LoRA tensors (``modules_to_save`` copies, biases trained with ``bias="all"/"lora_only"``,
+``ModelAggregation.skipped_keys``; so are, for a client in the live form (a PeftModel's
+``state_dict()``), the non-LoRA keys without the adapter name in them (the frozen base model).
+Other non-LoRA tensors (``modules_to_save`` copies, biases trained with ``bias="all"/"lora_only"``,
 trainable tokens): averaged FedAvg-style with the normalised client weights p_k (computed in
 fp32, returned in the input dtype); every client must hold the key with one shape. Refused with a
 ValueError: DoRA magnitude vectors (``lora_magnitude_vector``: they depend on the merged weight's
@@ -326,7 +328,13 @@ def plan_modules(client_shapes: Sequence[Mapping[str, Sequence[int]]],
         # PEFT saves the frozen base layer of a targeted Embedding (save_embedding_layers): a copy of
         # the base weight, not an update. It is not written to the output (loading it would undo a
         # merged residual); the base model provides it.
-        others.append([key for key in o if not any(key.startswith(f"{mod}.base_layer.") for mod in g)])
+        keep = [key for key in o if not any(key.startswith(f"{mod}.base_layer.") for mod in g)]
+        live = next(iter(g.values())).adapter
+        if live is not None:
+            # live form (a PeftModel's state_dict()): only tensors of this adapter (modules_to_save.<name>,
+            # trainable tokens) are the client's; the rest is the frozen base model
+            keep = [key for key in keep if f".{live}." in f".{key}."]
+        others.append(keep)
         skipped.update(key for key in o if key not in others[-1])
     ref_mods = set(groups[0])
     for k in range(1, K):

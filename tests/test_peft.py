@@ -331,3 +331,21 @@ def test_streamed_merge_and_late_error(llama, tmp_path):
     with pytest.raises(ValueError, match=r"c2.*NaN"):
         aggregate_adapters(bad, tmp_path / "o3", keep_residuals=False)
     assert sorted(os.listdir(tmp_path)) == ["bad", "merged", "out"]
+
+
+def test_in_memory_state_dicts_match_folders(llama, tmp_path):
+    """fedmomentum.aggregate on get_peft_model_state_dict / live state_dict() == aggregate_adapters."""
+    from peft import get_peft_model_state_dict
+    dirs = llama["dirs"]
+    ref = aggregate_adapters(dirs, tmp_path / "o", [1, 2, 3], rank=3, solver="exact")
+    pms = [PeftModel.from_pretrained(load_base(llama["base"]), str(d)) for d in dirs]
+    cfgs = [pm.peft_config["default"] for pm in pms]
+    saved = fm.aggregate([get_peft_model_state_dict(pm) for pm in pms], [1, 2, 3], configs=cfgs, rank=3,
+                         solver="exact")
+    live = fm.aggregate([pm.state_dict() for pm in pms], [1, 2, 3], configs=cfgs, rank=3, solver="exact")
+    for agg in (saved, live):
+        assert set(agg.state_dict) == set(ref.state_dict)
+        for k, v in ref.state_dict.items():
+            torch.testing.assert_close(agg.state_dict[k], v, rtol=1e-5, atol=1e-7)
+    assert any(k.endswith("base_layer.weight") for k in live.skipped_keys)
+    assert "base_model.model.model.norm.weight" in live.skipped_keys
