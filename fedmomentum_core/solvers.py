@@ -184,19 +184,30 @@ class StackedBatch:
         G = K.batched_stacked_gram(self._lists(), ones, self.side, self.dtype).to(torch.float64)
         return G * self.c[:, :, None] * self.c[:, None, :]
 
-    def tall_apply(self, mat: torch.Tensor) -> torch.Tensor:
-        """X_l @ mat_l for every layer (mat: L x R x k, fp64) -> L x rows x k in the compute dtype."""
+    def tall_apply(self, mat: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """X_l @ mat_l for every layer (mat: L x R x k, fp64) -> L x rows x k in the compute dtype.
+
+        ``transposed=True`` returns (X_l @ mat_l)ᵀ, L x k x rows: for the A side that is the
+        layout of the raw R x n stack, so the product is written row-major without a transpose."""
         scaled = (mat * self.c[:, :, None]).to(self.dtype)
         if self.raw is not None:
+            if transposed and self.side == "right":
+                out = torch.empty(scaled.shape[0], scaled.shape[2], self.rows, dtype=self.dtype,
+                                  device=self.device)
+                for li in range(scaled.shape[0]):
+                    torch.mm(scaled[li].T, self.raw[li], out=out[li])
+                return out
             out = torch.empty(scaled.shape[0], self.rows, scaled.shape[2], dtype=self.dtype,
                               device=self.device)
             for li in range(scaled.shape[0]):
                 torch.mm(self._tall(li), scaled[li], out=out[li])
-            return out
+            return out.transpose(1, 2) if transposed else out
         ones = [[1.0] * inp.K for inp in self.layers]
         if self.side == "left":
-            return K.batched_stacked_matmul(self._lists(), ones, "left", scaled, self.dtype)
-        return K.batched_stacked_matmul_t(self._lists(), ones, "right", scaled, self.dtype)
+            out = K.batched_stacked_matmul(self._lists(), ones, "left", scaled, self.dtype)
+        else:
+            out = K.batched_stacked_matmul_t(self._lists(), ones, "right", scaled, self.dtype)
+        return out.transpose(1, 2) if transposed else out
 
     def tall_dense(self, li: int) -> torch.Tensor:
         """Layer li's weighted tall stack (rows x R), explicit (for the QR fallback)."""
@@ -231,10 +242,13 @@ class _BatchBasis:
     Q: dict  # layer index -> explicit Q (rows x k) for the layers that fell back to QR
     methods: list
 
-    def apply(self, st: StackedBatch, mat: torch.Tensor) -> torch.Tensor:
-        """Q_l @ mat_l for every layer (mat L x k x l fp64) -> L x rows x l."""
+    def apply(self, st: StackedBatch, mat: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Q_l @ mat_l for every layer (mat L x k x l fp64) -> L x rows x l (``transposed``: its
+        transpose, L x l x rows, see :meth:`StackedBatch.tall_apply`)."""
         if not self.Q:
-            return st.tall_apply(self.T @ mat)
+            return st.tall_apply(self.T @ mat, transposed=transposed)
+        if transposed:
+            return self.apply(st, mat).transpose(1, 2)
         out = torch.empty(mat.shape[0], st.rows, mat.shape[2], dtype=st.dtype, device=st.device)
         chol = [i for i in range(mat.shape[0]) if i not in self.Q]
         if chol:
@@ -336,19 +350,20 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         Uc = W[:, :, :k]
         CtU = C.transpose(1, 2) @ Uc
     U = bb.apply(Bs, Uc)  # L x m x k
-    SV = ba.apply(As, CtU)  # L x n x k, columns σ_i v_i
+    SVt = ba.apply(As, CtU, transposed=True)  # L x k x n, rows σ_i v_iᵀ (row-major: residual rights)
     out = []
     for li in range(len(layers)):
         s = S[li]
         inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
                           torch.zeros_like(s[:k]))
-        V = SV[li] * inv.to(dtype)[None, :]
+        V = (SVt[li] * inv.to(dtype)[:, None]).T  # n x k view of a k x n tensor
+        SV = SVt[li].T
         rem = None
         if stacked_remainder:
             rem = LowRank(torch.cat([Bs.tall_dense(li), -U[li] * s[:k].to(dtype)[None, :]], 1),
                           torch.cat([As.tall_dense(li).T, V.T], 0))
         out.append(SVDFactors(U=U[li], S=s.to(dtype), V=V, total_energy=float(lam[li].sum()),
-                              solver="exact", remainder=rem, SV=None if stacked_remainder else SV[li],
+                              solver="exact", remainder=rem, SV=None if stacked_remainder else SV,
                               info={"basis": (bb.methods[li], ba.methods[li])}))
     return out
 
