@@ -136,8 +136,10 @@ class StackedBatch:
     pointer tables by the batched kernels instead.
     """
 
-    def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
+                 extra: int = 0):
         self.side, self.dtype = side, dtype
+        self.extra = extra  # spare columns (left) / rows (right) after the R stacked ones
         self.layers = layers
         self.c = coeffs  # L x R, fp64
         inp0 = layers[0]
@@ -146,13 +148,19 @@ class StackedBatch:
         self.R = inp0.R
         self.backend = K.select_backend(self.device)
         self.raw = None
+        self.full = None
         if self.backend == "torch":
             # left: L x m x R (interleaving copy); right: L x R x n (row blocks: plain memcpy),
             # used through transposed views so the A side is never transposed in memory.
+            # ``extra`` spare columns/rows let the stacked remainder [X_B | −US], [X_Aᵀ; Vᵀ] be
+            # written in place later (no second copy of the stacks).
             if side == "left":
-                raw = torch.empty(len(layers), self.rows, self.R, dtype=dtype, device=self.device)
+                full = torch.empty(len(layers), self.rows, self.R + extra, dtype=dtype, device=self.device)
+                raw = full[:, :, :self.R]
             else:
-                raw = torch.empty(len(layers), self.R, self.rows, dtype=dtype, device=self.device)
+                full = torch.empty(len(layers), self.R + extra, self.rows, dtype=dtype, device=self.device)
+                raw = full[:, :self.R]
+            self.full = full
             for li, inp in enumerate(layers):
                 off = 0
                 for t in (inp.B if side == "left" else inp.A):
@@ -264,19 +272,20 @@ class _BatchBasis:
         return out
 
 
-def _batch_basis(st: StackedBatch, gram_tol: float) -> _BatchBasis:
+def _batch_basis(st: StackedBatch, gram_tol: float, need_q: bool = True) -> _BatchBasis:
     """Cholesky-QR on the Jacobi-equilibrated Gram; Householder QR where it is ill-conditioned.
 
     Equilibration: Gs = D⁻¹ G D⁻¹ with D = √diag(G); all-zero columns (clients whose factor is
     zero, or weight 0) get Gs_ii = 1 and contribute nothing since L = R_x D has a zero column there.
     A layer falls back to QR when the Cholesky fails or (min R_ii / max R_ii)² < ``gram_tol``
-    (an estimate of 1/κ(Gs); the loss of orthogonality of Cholesky-QR is ~eps·κ(Gs))."""
+    (an estimate of 1/κ(Gs); the loss of orthogonality of Cholesky-QR is ~eps·κ(Gs)).
+    ``need_q=False``: only L is wanted (no T, and the fallback computes R alone)."""
     G = st.gram()
     with _small_ops(G.shape[-1]):
-        return _basis_from_gram(st, G, gram_tol)
+        return _basis_from_gram(st, G, gram_tol, need_q)
 
 
-def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float) -> _BatchBasis:
+def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float, need_q: bool = True) -> _BatchBasis:
     G = 0.5 * (G + G.transpose(1, 2))
     d = torch.sqrt(torch.clamp(torch.diagonal(G, dim1=1, dim2=2), min=0.0))  # L x R
     nz = d > 0
@@ -288,11 +297,12 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float) -> _Bat
     ratio = (diag.min(dim=1).values / diag.max(dim=1).values) ** 2
     bad = (info != 0) | ~(ratio > gram_tol) | ~torch.isfinite(ratio)
     Rx = Lc.transpose(1, 2)
-    eye = torch.eye(Rx.shape[1], dtype=Rx.dtype, device=Rx.device).expand_as(Rx)
-    good = ~bad
-    Rinv = torch.where(good[:, None, None], Rx, eye)
-    Rinv = torch.linalg.solve_triangular(Rinv, eye, upper=True)
-    T = dinv[:, :, None] * Rinv  # X T = X D⁻¹ Rx⁻¹ = Q
+    T = None
+    if need_q:
+        eye = torch.eye(Rx.shape[1], dtype=Rx.dtype, device=Rx.device).expand_as(Rx)
+        Rinv = torch.where((~bad)[:, None, None], Rx, eye)
+        Rinv = torch.linalg.solve_triangular(Rinv, eye, upper=True)
+        T = dinv[:, :, None] * Rinv  # X T = X D⁻¹ Rx⁻¹ = Q
     Lmat = Rx * d[:, None, :]
     Qs: dict = {}
     methods = ["cholesky"] * G.shape[0]
@@ -301,11 +311,14 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float) -> _Bat
         for i in torch.nonzero(bad).flatten().tolist():
             X = st.tall_dense(i)
             Xs = X * dinv[i].to(X.dtype)[None, :]
-            Q, Rr = torch.linalg.qr(Xs, mode="reduced")
+            Q, Rr = torch.linalg.qr(Xs, mode="reduced" if need_q else "r")
             Lq = Rr.to(torch.float64) * d[i][None, :]
             k = Lq.shape[0]
             Lmat[i].zero_()
             Lmat[i, :k] = Lq
+            methods[i] = "qr"
+            if not need_q:
+                continue
             if k < Lmat.shape[1]:  # pad Q so that every layer's basis has R columns
                 Q = torch.cat([Q, torch.zeros(Q.shape[0], Lmat.shape[1] - k, dtype=Q.dtype,
                                               device=Q.device)], 1)
@@ -317,53 +330,69 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float) -> _Bat
 def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype = torch.float32,
                       need_tail: bool = True, gram_tol: Optional[float] = None,
                       stacked_remainder: bool = False) -> list[SVDFactors]:
-    """Exact SVD of ΔW_l = B_cat,l A_cat,l for L layers of one shape (same m, n, client ranks).
+    """Exact SVD of ΔW_l = X_B,l X_A,lᵀ for L layers of one shape (same m, n, client ranks).
 
-    1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side; Grams (the only
-       (m+n)·R² work), Jacobi-equilibrated Cholesky-QR ``X = Q L`` with Q implicit (X·T);
-       Householder QR fallback per layer when ill-conditioned (see :func:`_batch_basis`).
-    2. Core C = L_B L_Aᵀ (R x R, fp64); ``eigh(C Cᵀ) = U_c Λ U_cᵀ``, σ = √λ (fp64, so squaring
+    1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side, and their Grams
+       (the only (m+n)·R² work); Jacobi-equilibrated Cholesky-QR ``X = Q L`` of both, Householder
+       QR per layer when ill-conditioned (see :func:`_batch_basis`). Q_B is implicit (X_B·T_B);
+       the A side needs only L_A (no inverse, and its fallback computes R alone).
+    2. Core C = L_B L_Aᵀ (R x R, fp64); ``eigh(C Cᵀ) = W Λ Wᵀ``, σ = √λ (fp64, so squaring
        costs nothing at fp32 accuracy).
-    3. ΔW = Q_B C Q_Aᵀ = Σ_i (Q_B u_i)(Q_A Cᵀ u_i)ᵀ: U = Q_B U_c and the right factors Q_A Cᵀ U_c
-       (= σ_i V_i) formed with one (m+n)·R·k product each side; V_i = (Q_A Cᵀ u_i)/σ_i for σ_i > 0.
-       The identity holds for every σ, zero included, so the residual is exact whatever the
-       conditioning.
+    3. ΔW = Q_B C Q_Aᵀ = Σ_i (Q_B w_i)(X_A L_Bᵀ w_i)ᵀ, since Q_A Cᵀ = Q_A L_A L_Bᵀ = X_A L_Bᵀ:
+       U = Q_B W and the right factors X_A L_Bᵀ W (= σ_i v_i), one (m+n)·R·k product each side;
+       v_i = (X_A L_Bᵀ w_i)/σ_i for σ_i > 0. The identity holds for every σ, zero included, so
+       the residual is exact whatever the conditioning.
     ``need_tail=False`` forms only the top ``rank`` columns. ``stacked_remainder=True`` (implies
-    no tail) attaches the exact remainder ΔW − U S Vᵀ in stacked form ([B_cat | −U S], [A_cat; Vᵀ],
-    rank R + rank): no GEMM beyond the Grams and the top-r products. Never allocates m x n.
+    no tail) attaches the exact remainder ΔW − U S Vᵀ in stacked form ([X_B | −U S], [X_Aᵀ; Vᵀ],
+    rank R + rank), written into spare columns/rows of the stacks: no GEMM beyond the Grams and the
+    top-r products, no second copy of the stacks. Never allocates m x n.
     """
     if stacked_remainder:
         need_tail = False
     if gram_tol is None:
         gram_tol = 1e-9 if dtype == torch.float64 else 1e-3
-    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype)
-    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype)
+    R = layers[0].R
+    k_top = min(rank, R)
+    extra = k_top if stacked_remainder else 0
+    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype, extra=extra)
+    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype, extra=extra)
     bb = _batch_basis(Bs, gram_tol)
-    ba = _batch_basis(As, gram_tol)
-    with _small_ops(bb.L.shape[-1]):
+    ba = _batch_basis(As, gram_tol, need_q=False)  # L_A only: accurate small σ when X_A is ill-conditioned
+    with _small_ops(R):
+        Lt = bb.L.transpose(1, 2)
         C = bb.L @ ba.L.transpose(1, 2)  # L x R x R
         lam, W = torch.linalg.eigh(C @ C.transpose(1, 2))
         lam = torch.flip(lam, dims=[1]).clamp_min(0.0)
         W = torch.flip(W, dims=[2])
         S = torch.sqrt(lam)  # L x R descending
-        k = S.shape[1] if need_tail else min(rank, S.shape[1])
+        k = S.shape[1] if need_tail else k_top
         Uc = W[:, :, :k]
-        CtU = C.transpose(1, 2) @ Uc
+        LtU = Lt @ Uc
     U = bb.apply(Bs, Uc)  # L x m x k
-    SVt = ba.apply(As, CtU, transposed=True)  # L x k x n, rows σ_i v_iᵀ (row-major: residual rights)
+    SVt = As.tall_apply(LtU, transposed=True)  # L x k x n, rows σ_i v_iᵀ (row-major: residual rights)
+    inplace = stacked_remainder and Bs.raw is not None and As.raw is not None
+    if inplace:
+        # X_B X_Aᵀ = raw_B diag(c_B c_A) raw_A: the whole coefficient goes on the A rows (one pass)
+        As.raw.mul_((Bs.c * As.c).to(dtype)[:, :, None])
     out = []
     for li in range(len(layers)):
         s = S[li]
         inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
                           torch.zeros_like(s[:k]))
-        V = (SVt[li] * inv.to(dtype)[:, None]).T  # n x k view of a k x n tensor
-        SV = SVt[li].T
+        Vt = SVt[li] * inv.to(dtype)[:, None]  # k x n
+        V = Vt.T
         rem = None
         if stacked_remainder:
-            rem = LowRank(torch.cat([Bs.tall_dense(li), -U[li] * s[:k].to(dtype)[None, :]], 1),
-                          torch.cat([As.tall_dense(li).T, V.T], 0))
+            US = U[li] * (-s[:k]).to(dtype)[None, :]
+            if inplace:
+                left, right = Bs.full[li], As.full[li]
+                left[:, R:].copy_(US)
+                right[R:].copy_(Vt)
+                rem = LowRank(left, right)
+            else:
+                rem = LowRank(torch.cat([Bs.tall_dense(li), US], 1), torch.cat([As.tall_dense(li).T, Vt], 0))
         out.append(SVDFactors(U=U[li], S=s.to(dtype), V=V, total_energy=float(lam[li].sum()),
-                              solver="exact", remainder=rem, SV=None if stacked_remainder else SV,
+                              solver="exact", remainder=rem, SV=None if stacked_remainder else SVt[li].T,
                               info={"basis": (bb.methods[li], ba.methods[li])}))
     return out
 

@@ -270,3 +270,21 @@ def test_stacked_residual_batched_and_dead_directions():
         assert r.info["batched"] == 3
         assert rel_err(r.delta(), reference_delta(B, A)) < 2e-6
         assert torch.count_nonzero(r.B[:, 6:]) == 0  # ΔW has rank 6 < 8: dead directions
+
+
+@pytest.mark.parametrize("shared", ["exact", 1e-3])
+def test_stacked_residual_with_rank_deficient_A_stack(shared):
+    """The stacked remainder is written into the solver's own stacks: exact even when the A
+    stack is rank-deficient (QR fallback), batched, and the inputs are left untouched."""
+    from fedmomentum_core import aggregate_layers
+    layers = [make_clients(70, 45, [5, 5, 5, 5], seed=60 + i, shared_A=shared) for i in range(2)]
+    before = [[t.clone() for t in B + A] for B, A in layers]
+    res = aggregate_layers(layers, [1, 3, 2, 2], scalings=[0.5, 1.0, 2.0, 1.5], out_scaling=1.0,
+                           residual="stacked", rank=5, solver="exact")
+    for (B, A), r, saved in zip(layers, res, before):
+        ref = reference_delta(B, A, [1, 3, 2, 2], [0.5, 1.0, 2.0, 1.5])
+        assert rel_err(r.delta(), ref) < 2e-6
+        assert r.residual.left.shape == (70, 20 + 5) and r.residual.right.shape == (20 + 5, 45)
+        assert all(torch.equal(x, y) for x, y in zip(B + A, saved))
+    # the two layers' residuals do not share memory regions
+    assert r.residual.left.data_ptr() != res[0].residual.left.data_ptr()
