@@ -121,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
     ap.add_argument("--k100-layers", type=int, default=None, help="layers of the K=100 round (default all)")
     ap.add_argument("--skip-k100", action="store_true")
+    ap.add_argument("--residual", default="stacked", choices=["factored", "stacked", "none"],
+                    help="residual form of the main round (default stacked: exact, no tail products)")
+    ap.add_argument("--skip-factored", action="store_true",
+                    help="skip the second round with residual='factored' (the SVD tail)")
     ap.add_argument("--batch-layers", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -156,19 +160,23 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         return rep
 
-    main_rep = scenario("round", layers=args.layers, gram_floor=True, layers_at_once=args.layers_at_once,
-                        progress=True)
-    reports["round"] = main_rep
+    main_rep = scenario(f"round (residual={args.residual})", layers=args.layers, gram_floor=True,
+                        layers_at_once=args.layers_at_once, residual=args.residual, progress=True)
+    reports["round"] = {kk: v for kk, v in main_rep.items() if kk != "modules"}
+    if not args.skip_factored and args.residual != "factored":
+        f_rep = scenario("round (residual=factored)", layers=args.layers, gram_floor=True,
+                         layers_at_once=args.layers_at_once, residual="factored", progress=True)
+        reports["round_factored"] = {kk: v for kk, v in f_rep.items() if kk != "modules"}
     nb = min(args.batch_layers, model_shapes(args.model).num_layers)
-    b = scenario("batched", layers=nb, layers_at_once=nb, batched=True, progress=False)
-    u = scenario("per-module loop", layers=nb, layers_at_once=nb, batched=False, progress=False)
+    b = scenario("batched", layers=nb, layers_at_once=nb, batched=True, residual=args.residual, progress=False)
+    u = scenario("per-module loop", layers=nb, layers_at_once=nb, batched=False, residual=args.residual, progress=False)
     reports["batched_speedup"] = u["round_seconds"] / b["round_seconds"]
     print(f"batched speedup over the per-module loop: {reports['batched_speedup']:.2f}x", flush=True)
     reports["breakdown_one_layer"] = breakdown(args.model, args.clients, args.rank)
     print(f"breakdown (one layer): {reports['breakdown_one_layer']}", flush=True)
     if not args.skip_k100:
-        k = scenario("round K=100", clients=100, layers=args.k100_layers, gram_floor=False,
-                     layers_at_once=1, progress=True)
+        k = scenario(f"round K=100 (residual={args.residual})", clients=100, layers=args.k100_layers,
+                     gram_floor=False, layers_at_once=1, residual=args.residual, progress=True)
         reports["round_k100"] = {kk: v for kk, v in k.items() if kk != "modules"}
         reports["round_k100"]["solver_by_kind"] = {m["kind"]: m["solver"] for m in k["modules"]}
 

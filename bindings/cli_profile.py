@@ -44,6 +44,9 @@ def register(sub) -> None:
                    help="plot time per module type, ours vs the baselines (needs matplotlib)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget for the modules held at once, e.g. 2GB (default: one layer)")
+    p.add_argument("--residual", default="factored", choices=["factored", "stacked", "none"],
+                   help="residual form: factored (SVD tail, default), stacked (exact remainder, no "
+                        "tail products: about half the work) or none")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic clients (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -156,7 +159,7 @@ def run(args) -> int:
                 raise ValueError(f"cannot write {path}: folder {d} does not exist")
     rep = profile_round(args.model, args.clients, args.rank, dtype=args.dtype, layers=args.layers,
                         solver=args.solver, device=args.device, compare=compare, seed=args.seed,
-                        max_memory=args.max_memory, progress=not args.no_progress)
+                        max_memory=args.max_memory, residual=args.residual, progress=not args.no_progress)
     print(format_report(rep))
     if args.json:
         _atomic_write(args.json, json.dumps(rep, indent=1))

@@ -413,7 +413,10 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
     prepared = []
     for i, ((B, A), nm) in enumerate(zip(layers, names)):
         pre = layer_prefix(nm)
-        inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=nm)
+        # the NaN/Inf check is read off the Grams in the batched exact path (no extra pass);
+        # layers that go through aggregate_layer are validated in full there
+        inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=nm,
+                             check_finite=False)
         r = _resolve_rank(rank, inp, pre)
         prepared.append((inp, r))
         batchable = method == "fedmomentum" and residual_energy >= 1.0
@@ -437,7 +440,7 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
             t0 = time.perf_counter()
             inps = [prepared[i][0] for i in part]
             svds = solve_exact_batch(inps, r, dtype=compute_dtype, need_tail=residual == "factored",
-                                     stacked_remainder=residual == "stacked")
+                                     stacked_remainder=residual == "stacked", check_finite=True)
             for i, svd in zip(part, svds):
                 inp = prepared[i][0]
                 opt = Options(rank=r, solver="exact", residual=residual, split=split,

@@ -416,7 +416,7 @@ def _aggregate_many(pairs, weights, names, *, batched: bool = True, **kw):
     """Batched-by-shape aggregation when the core has it (``aggregate_layers``), else a loop."""
     from . import methods
     fn = getattr(methods, "aggregate_layers", None)
-    if batched and fn is not None and len(pairs) > 1:
+    if batched and fn is not None:
         return list(fn(pairs, weights, names=names, **kw))
     return [methods.aggregate_layer(B, A, weights, name=nm, **kw) for (B, A), nm in zip(pairs, names)]
 
@@ -456,7 +456,7 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
                   compare: Iterable[str] = (), baseline_layers: int = 1, seed: int = 0,
                   max_memory: Union[str, int, None] = None, layers_at_once: Optional[int] = None,
                   batched: bool = True, gram_floor: bool = False, targets: Optional[Sequence[str]] = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  residual: str = "factored", progress: bool = True) -> dict[str, Any]:
     """Aggregate a synthetic round of ``model`` for real and report what it cost.
 
     Client factors (``clients`` x rank ``rank``, ``dtype``) are generated seeded, chunk by chunk
@@ -464,6 +464,10 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
     Chunks hold the modules of ``layers_at_once`` layers (default 1), or as many modules as
     ``max_memory`` allows (estimates of :func:`module_memory_bytes`; ValueError when one module
     alone cannot fit). Same-shaped modules of a chunk are aggregated together (``batched``).
+
+    ``residual`` is passed to the aggregation: ``"factored"`` (default, the SVD tail, rank ≤ R − r),
+    ``"stacked"`` (the exact remainder [X_B | −UΣ], [X_Aᵀ; Vᵀ]: no tail products, about half the
+    work) or ``"none"``.
 
     Returns the profile dict (the JSON of ``fedmomentum profile``): ``model``, ``clients``,
     ``rank``, ``dtype``, ``device``, ``modules`` (:meth:`ModuleProfile.to_dict` each),
@@ -529,7 +533,9 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(mods), desc=f"profile {shapes.model}", unit="module", leave=False)
-    kw = dict(rank=out_rank, solver=solver)
+    if residual not in ("factored", "stacked", "none"):
+        raise ValueError(f"residual must be 'factored', 'stacked' or 'none', got {residual!r}")
+    kw = dict(rank=out_rank, solver=solver, residual=residual)
     try:
         for chunk in chunks:
             with PeakMemory(dev) as pm:
@@ -618,7 +624,7 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
         "round_seconds_extrapolated": per_layer * shapes.num_layers,
         "extrapolated": n_layers < shapes.num_layers,
         "layers_measured": n_layers, "num_layers": shapes.num_layers,
-        "solver": solver, "batched": batched, "max_memory_bytes": budget,
+        "solver": solver, "residual": residual, "batched": batched, "max_memory_bytes": budget,
         "chunks": len(chunks),
         "totals": {"seconds": agg_total, "flops": sum(r_.flops for r_ in records),
                    "bytes": sum(r_.bytes for r_ in records),

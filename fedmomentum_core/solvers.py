@@ -137,7 +137,7 @@ class StackedBatch:
     """
 
     def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
-                 extra: int = 0):
+                 extra: int = 0, prescale: bool = False):
         self.side, self.dtype = side, dtype
         self.extra = extra  # spare columns (left) / rows (right) after the R stacked ones
         self.layers = layers
@@ -161,15 +161,18 @@ class StackedBatch:
                 full = torch.empty(len(layers), self.R + extra, self.rows, dtype=dtype, device=self.device)
                 raw = full[:, :self.R]
             self.full = full
+            cvals = coeffs.tolist() if prescale else None
             for li, inp in enumerate(layers):
                 off = 0
                 for t in (inp.B if side == "left" else inp.A):
-                    if side == "left":
-                        raw[li, :, off:off + t.shape[1]].copy_(t)
-                        off += t.shape[1]
-                    else:
-                        raw[li, off:off + t.shape[0]].copy_(t)
-                        off += t.shape[0]
+                    w = t.shape[1] if side == "left" else t.shape[0]
+                    blk = raw[li, :, off:off + w] if side == "left" else raw[li, off:off + w]
+                    blk.copy_(t)
+                    if prescale:  # scale the block while it is still in cache
+                        blk.mul_(cvals[li][off])
+                    off += w
+            if prescale:  # the stacks now hold X = X_raw·diag(c): unit coefficients from here on
+                self.c = torch.ones_like(coeffs)
             self.raw = raw
 
     def _tall(self, li: int) -> torch.Tensor:
@@ -272,6 +275,21 @@ class _BatchBasis:
         return out
 
 
+def _finite_from_grams(layers: list[LayerInput], GB: torch.Tensor, GA: torch.Tensor) -> None:
+    """Raise the validation error for the first layer whose Gram diagonal is not finite."""
+    from .validate import _check_finite, layer_prefix
+    ok = (torch.isfinite(torch.diagonal(GB, dim1=1, dim2=2)).all(dim=1)
+          & torch.isfinite(torch.diagonal(GA, dim1=1, dim2=2)).all(dim=1))
+    if bool(ok.all()):
+        return
+    for li in torch.nonzero(~ok).flatten().tolist():
+        inp = layers[li]
+        pre = layer_prefix(inp.name)
+        _check_finite(inp.B, inp.A, pre)  # names the client and factor with NaN/Inf entries
+        raise ValueError(f"{pre}factor entries are too large (their squares overflow in the "
+                         "compute dtype); rescale the adapters")
+
+
 def _batch_basis(st: StackedBatch, gram_tol: float, need_q: bool = True) -> _BatchBasis:
     """Cholesky-QR on the Jacobi-equilibrated Gram; Householder QR where it is ill-conditioned.
 
@@ -329,7 +347,7 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float, need_q:
 
 def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype = torch.float32,
                       need_tail: bool = True, gram_tol: Optional[float] = None,
-                      stacked_remainder: bool = False) -> list[SVDFactors]:
+                      stacked_remainder: bool = False, check_finite: bool = False) -> list[SVDFactors]:
     """Exact SVD of ΔW_l = X_B,l X_A,lᵀ for L layers of one shape (same m, n, client ranks).
 
     1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side, and their Grams
@@ -346,6 +364,9 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
     no tail) attaches the exact remainder ΔW − U S Vᵀ in stacked form ([X_B | −U S], [X_Aᵀ; Vᵀ],
     rank R + rank), written into spare columns/rows of the stacks: no GEMM beyond the Grams and the
     top-r products, no second copy of the stacks. Never allocates m x n.
+    ``check_finite=True``: the NaN/Inf check of the inputs (when the caller validated with
+    ``check_finite=False``) is read off the Grams' diagonals (NaN and Inf propagate into Σx²),
+    saving a pass over the factors; a non-finite diagonal is traced to the client at fault.
     """
     if stacked_remainder:
         need_tail = False
@@ -354,10 +375,16 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
     R = layers[0].R
     k_top = min(rank, R)
     extra = k_top if stacked_remainder else 0
-    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype, extra=extra)
-    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype, extra=extra)
-    bb = _batch_basis(Bs, gram_tol)
-    ba = _batch_basis(As, gram_tol, need_q=False)  # L_A only: accurate small σ when X_A is ill-conditioned
+    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype, extra=extra,
+                      prescale=stacked_remainder)
+    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype, extra=extra,
+                      prescale=stacked_remainder)
+    GB, GA = Bs.gram(), As.gram()
+    if check_finite:
+        _finite_from_grams(layers, GB, GA)
+    with _small_ops(R):
+        bb = _basis_from_gram(Bs, GB, gram_tol)
+        ba = _basis_from_gram(As, GA, gram_tol, need_q=False)  # L_A only: accurate small σ when X_A is ill-conditioned
     with _small_ops(R):
         Lt = bb.L.transpose(1, 2)
         C = bb.L @ ba.L.transpose(1, 2)  # L x R x R
@@ -370,10 +397,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         LtU = Lt @ Uc
     U = bb.apply(Bs, Uc)  # L x m x k
     SVt = As.tall_apply(LtU, transposed=True)  # L x k x n, rows σ_i v_iᵀ (row-major: residual rights)
-    inplace = stacked_remainder and Bs.raw is not None and As.raw is not None
-    if inplace:
-        # X_B X_Aᵀ = raw_B diag(c_B c_A) raw_A: the whole coefficient goes on the A rows (one pass)
-        As.raw.mul_((Bs.c * As.c).to(dtype)[:, :, None])
+    inplace = stacked_remainder and Bs.full is not None and As.full is not None  # stacks pre-scaled
     out = []
     for li in range(len(layers)):
         s = S[li]

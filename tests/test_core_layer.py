@@ -288,3 +288,19 @@ def test_stacked_residual_with_rank_deficient_A_stack(shared):
         assert all(torch.equal(x, y) for x, y in zip(B + A, saved))
     # the two layers' residuals do not share memory regions
     assert r.residual.left.data_ptr() != res[0].residual.left.data_ptr()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("residual", ["factored", "stacked"])
+def test_batched_path_names_the_layer_and_client_with_non_finite_entries(bad, residual):
+    """aggregate_layers reads the NaN/Inf check off the Grams: the error still names layer + client."""
+    from fedmomentum_core import aggregate_layers
+    layers = [make_clients(40, 30, [3, 3, 3], seed=70 + i) for i in range(3)]
+    layers[1][1][2][0, 5] = bad  # layer 1, client 2, A
+    with pytest.raises(ValueError, match=r"layer1.*client 2: A .*NaN/Inf"):
+        aggregate_layers(layers, [1, 0, 2], names=[f"layer{i}" for i in range(3)], solver="exact",
+                         residual=residual)
+    huge = [make_clients(40, 30, [3, 3], seed=80)]
+    huge[0][0][0].mul_(1e30)  # finite, but its square overflows fp32
+    with pytest.raises(ValueError, match="too large"):
+        aggregate_layers(huge, solver="exact")
