@@ -27,7 +27,7 @@ import torch
 from .planner import choose_solver
 from .solvers import SOLVERS, stacked_pair
 from .types import AggregationResult, LowRank, SVDFactors
-from .validate import LayerInput, layer_prefix, validate_layer
+from .validate import LayerInput, _check_finite, layer_prefix, validate_layer
 
 __all__ = ["METHODS", "register_method", "aggregate_layer", "aggregate_layers", "Options", "BATCH_BYTES"]
 
@@ -48,6 +48,9 @@ class Options:
     residual_energy: float
     tau: Optional[float]
     prefix: str
+    #: False when validation skipped the NaN/Inf scan: the exact solver reads it off its Grams,
+    #: any other solver runs the scan first (see :func:`_run_solver`)
+    finite_checked: bool = True
 
 
 METHODS: dict[str, Callable[[LayerInput, Options], AggregationResult]] = {}
@@ -73,6 +76,11 @@ def _run_solver(inp: LayerInput, opt: Options, *, full_spectrum: bool, need_tail
                          "energy truncation (residual_energy < 1, florist) needs solver 'exact', "
                          "'dense' or 'auto'")
     extra = {"stacked_remainder": True} if (opt.residual == "stacked" and name == "exact") else {}
+    if not opt.finite_checked:
+        if name == "exact":
+            extra["check_finite"] = True
+        else:
+            _check_finite(inp.B, inp.A, opt.prefix)
     return SOLVERS[name](inp, opt.rank, dtype=opt.compute_dtype, need_tail=need_tail,
                          generator=opt.generator, **extra)
 
@@ -465,10 +473,14 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
     """Aggregate one layer's K client LoRA factors (see ``fedmomentum.aggregate_lora``)."""
     pre = layer_prefix(name)
     _options(method, solver, residual, split, compute_dtype, residual_energy, tau, generator, pre)
-    inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name)
+    # FedMomentum's solvers scan for NaN/Inf themselves (the exact one off its Grams, no extra pass)
+    defer = method == "fedmomentum"
+    inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name,
+                         check_finite=not defer)
     r = _resolve_rank(rank, inp, pre)
     opt = Options(rank=r, solver=solver, residual=residual, split=split, compute_dtype=compute_dtype,
-                  generator=generator, residual_energy=float(residual_energy), tau=tau, prefix=pre)
+                  generator=generator, residual_energy=float(residual_energy), tau=tau, prefix=pre,
+                  finite_checked=not defer)
     t0 = time.perf_counter()
     res = METHODS[method](inp, opt)
     res.info.setdefault("seconds", time.perf_counter() - t0)

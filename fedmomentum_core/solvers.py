@@ -403,7 +403,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         s = S[li]
         inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
                           torch.zeros_like(s[:k]))
-        Vt = SVt[li] * inv.to(dtype)[:, None]  # k x n
+        Vt = SVt[li, :k_top] * inv[:k_top].to(dtype)[:, None]  # top rows only: the tail keeps σv
         V = Vt.T
         rem = None
         if stacked_remainder:
@@ -423,10 +423,10 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
 
 def solve_exact(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.float32,
                 need_tail: bool = True, gram_tol: Optional[float] = None,
-                stacked_remainder: bool = False, **_) -> SVDFactors:
+                stacked_remainder: bool = False, check_finite: bool = False, **_) -> SVDFactors:
     """Exact thin SVD of one layer's ΔW from the stacked factors (see :func:`solve_exact_batch`)."""
     return solve_exact_batch([inp], rank, dtype=dtype, need_tail=need_tail, gram_tol=gram_tol,
-                             stacked_remainder=stacked_remainder)[0]
+                             stacked_remainder=stacked_remainder, check_finite=check_finite)[0]
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
