@@ -1,11 +1,15 @@
 """``solver="auto"``: the cost model that picks exact, randomized or dense."""
 from __future__ import annotations
 
-__all__ = ["solver_costs", "choose_solver", "RANDOMIZED_MARGIN"]
+__all__ = ["solver_costs", "choose_solver", "RANDOMIZED_MARGIN", "RANDOMIZED_MIN_WORK"]
 
 #: randomized is approximate in the top r (its residual stays exact), so auto takes it only
 #: when the model says it is at least this many times cheaper than exact.
 RANDOMIZED_MARGIN = 4.0
+
+#: below this many multiply-adds for ``exact`` (a few ms on a CPU core) auto always stays exact:
+#: the saving would be tiny and the top r would become approximate
+RANDOMIZED_MIN_WORK = 1e9
 
 
 def solver_costs(m: int, n: int, R: int, r: int, *, need_tail: bool = True,
@@ -34,12 +38,14 @@ def choose_solver(m: int, n: int, R: int, r: int, *, need_tail: bool = True,
     1. ``dense`` when R ≥ min(m, n): the stacked factors are no smaller than ΔW itself.
     2. ``randomized`` when the full spectrum is not needed (no energy truncation) and it is
        at least :data:`RANDOMIZED_MARGIN` times cheaper than ``exact`` (large R = Σ r_k,
-       e.g. 100 clients).
+       e.g. 100 clients), and ``exact`` is not cheap anyway (≥ :data:`RANDOMIZED_MIN_WORK`
+       multiply-adds; small layers stay exact).
     3. ``exact`` otherwise.
     """
     if R >= min(m, n):
         return "dense"
     c = solver_costs(m, n, R, r, need_tail=need_tail)
-    if not full_spectrum and c["randomized"] * RANDOMIZED_MARGIN <= c["exact"]:
+    if (not full_spectrum and c["exact"] >= RANDOMIZED_MIN_WORK
+            and c["randomized"] * RANDOMIZED_MARGIN <= c["exact"]):
         return "randomized"
     return "exact"

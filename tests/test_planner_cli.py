@@ -14,6 +14,10 @@ def test_cost_model_choices():
     assert choose_solver(8192, 8192, 1600, 16) == "randomized"    # K=100: R³ and R² dominate
     assert choose_solver(8192, 8192, 1600, 16, full_spectrum=True) == "exact"
     assert choose_solver(64, 48, 48, 8) == "dense"                # R >= min(m, n)
+    # randomized would be > 4x cheaper here, but exact is only ~2e8 multiply-adds: stay exact
+    c = solver_costs(256, 1024, 160, 16)
+    assert c["randomized"] * 4 <= c["exact"] < 1e9
+    assert choose_solver(256, 1024, 160, 16) == "exact"
     c = solver_costs(4096, 4096, 160, 16)
     assert c["exact"] < c["dense"] / 100  # the factored route never pays for m·n·min(m,n)
 
