@@ -1,6 +1,7 @@
 """``fedmomentum aggregate``: aggregate PEFT LoRA adapter folders into one adapter (+ residual)."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -37,12 +38,23 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .peft import aggregate_adapters
+    from .distributed import is_distributed
+
+    if is_distributed():  # started by torchrun with WORLD_SIZE > 1: modules sharded across ranks
+        import torch.distributed as dist
+
+        from .distributed import aggregate_adapters
+        main_rank = int(os.environ.get("RANK", "0") or 0) == 0 if not dist.is_initialized() else dist.get_rank() == 0
+    else:
+        from .peft import aggregate_adapters
+        main_rank = True
 
     w = _weights(args.weights) if args.weights is not None else None
     agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
                              solver=args.solver, residual=args.residual, base_model=args.base_model,
                              merged_out=args.merged_out, progress=True, keep_residuals=False)
+    if not main_rank:  # rank 0 wrote the output and prints the summary
+        return 0
     print(agg.summary())
     where = f"adapter written to {args.out}"
     if args.residual == "save" and agg.residual_mode == "factored":

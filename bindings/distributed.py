@@ -1,0 +1,413 @@
+"""Sharded aggregation of PEFT adapter folders on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+:func:`aggregate_adapters` takes the same arguments and gives the same output folder as
+:func:`fedmomentum.peft.aggregate_adapters`; started by ``torchrun`` (``WORLD_SIZE > 1``) it splits
+the modules across the ranks::
+
+    torchrun --nproc-per-node 4 -m fedmomentum aggregate c0 c1 c2 --out new_adapter
+
+How it works (every step is the same on every rank, so no rank waits for a decision):
+
+1. **Plan.** Every rank reads the K ``adapter_config.json`` files and safetensors *headers*
+   (:func:`fedmomentum.peft.plan_adapters`; no tensor data).
+2. **Shard.** :func:`shard_modules` assigns modules to ranks greedily by cost, longest first
+   (LPT), with the cost from the core's model (:func:`module_cost`: the solver's FLOPs from
+   :func:`fedmomentum_core.profiling.solver_flops` plus the factor bytes read). Ties break by
+   module order and rank, so the assignment is deterministic and identical on all ranks.
+3. **Aggregate.** Each rank opens the K safetensors files lazily (``safe_open``) and reads and
+   aggregates only its own modules with :func:`fedmomentum_core.model.run_plan` (one module's K
+   factors in memory at a time). The per-module math is the single-process code unchanged, so the
+   result is bitwise identical to one process (the solvers' random sketches are seeded per module
+   when no ``generator`` is passed; an explicit ``generator`` is consumed in a different order
+   and breaks this).
+4. **Status.** After each phase the ranks exchange a status (``all_gather_object`` of ``None`` or
+   the error): if any rank failed, *every* rank raises (ValueError/TypeError as the original,
+   else RuntimeError) naming the failing rank and its message (which names module and client),
+   and nothing is written. No rank is left waiting in a collective.
+5. **Gather.** Each rank sends its results (new rank-r factors, factored residuals, report rows)
+   to rank 0 with ``gather_object``. Rank 0 assembles them in module order and writes the output
+   exactly as the single-process path does (same keys, same bytes for ``adapter_model.safetensors``,
+   ``adapter_config.json`` and ``residual.safetensors``; ``fedmomentum_report.json`` differs only
+   in timings), atomically (temporary folder, then rename). ``residual="merge"`` merges the
+   gathered residuals into the base model on rank 0.
+
+Memory: a worker holds one module's K factors plus its shard's outputs; rank 0 additionally
+holds every module's outputs (the new adapter plus the residual factors, rank ≤ R − r each: the
+same as one process with ``keep_residuals=True``) and, transiently during the gather, the
+pickled payloads (``gather_object`` pads each to the largest: ≈ world size × the largest shard's
+outputs). Inputs, the large part (K × every module's factors), are read once, spread across the
+ranks. Objects travel on a gloo group (the default group if it is gloo, else a gloo side group
+created here), so an NCCL default group works unchanged and no GPU memory is used for the gather.
+
+Process group: if ``torch.distributed`` is initialised it is used; otherwise, when ``WORLD_SIZE``
+> 1, one is created from the environment (``init_method="env://"``; backend nccl when CUDA is
+available, else gloo) and destroyed at the end. With neither (or a world of 1) the call is the
+local :func:`fedmomentum.peft.aggregate_adapters`.
+
+Return value: rank 0 returns the full :class:`~fedmomentum.ModelAggregation` (as one process
+would); other ranks return a :class:`~fedmomentum.ModelAggregation` of their own shard (their
+modules' tensors, residuals and report rows; ``config`` is the full output config).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from fedmomentum_core.model import ModelAggregation, ModuleResult, ModuleSpec, output_config, run_plan
+from fedmomentum_core.planner import choose_solver
+from fedmomentum_core.profiling import solver_flops
+
+from . import peft as _peft
+
+__all__ = ["aggregate_adapters", "shard_modules", "module_cost", "world_size_from_env", "is_distributed"]
+
+#: FLOP-equivalents charged per input byte read in :func:`module_cost` (a machine balance of
+#: ≈ 8 FLOP/byte: a core doing ~10 GFLOP/s on these shapes reads ~1 GB/s of safetensors)
+BYTE_COST = 8.0
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def module_cost(spec: ModuleSpec, rank: Optional[int] = None, solver: str = "auto", *,
+                need_tail: bool = True, itemsize: int = 2) -> float:
+    """Estimated cost of one module (FLOP-equivalents): the solver's FLOPs
+    (:func:`fedmomentum_core.profiling.solver_flops`, ``auto`` resolved by the planner) plus
+    :data:`BYTE_COST` per byte of the K client factors read (``itemsize`` bytes per element)."""
+    R = sum(spec.ranks)
+    r = rank if rank is not None else max(spec.ranks)
+    r = max(1, min(r, spec.m, spec.n, R))
+    s = solver if solver in ("exact", "randomized", "dense") else choose_solver(spec.m, spec.n, R, r,
+                                                                                  need_tail=need_tail)
+    flops = solver_flops(spec.m, spec.n, R, r, s, need_tail=need_tail)["total"]
+    read = sum(rk * (spec.m + spec.n) for rk in spec.ranks) * itemsize
+    return float(flops) + BYTE_COST * float(read)
+
+
+def shard_modules(modules: Sequence[ModuleSpec], world_size: int, *, rank: Optional[int] = None,
+                  solver: str = "auto", need_tail: bool = True) -> list[list[int]]:
+    """Assign module indices to ``world_size`` ranks, cost-balanced and deterministic.
+
+    Longest-processing-time greedy: modules by decreasing :func:`module_cost` (ties: module
+    order) each go to the rank with the least load so far (ties: lowest rank). The max load is at
+    most 4/3 of the optimum (Graham's bound). Returns, per rank, its module indices in module
+    order (a rank may get none when there are fewer modules than ranks).
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    costs = [module_cost(s, rank, solver, need_tail=need_tail) for s in modules]
+    order = sorted(range(len(modules)), key=lambda i: (-costs[i], i))
+    load = [0.0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        w = min(range(world_size), key=lambda j: (load[j], j))
+        out[w].append(i)
+        load[w] += costs[i]
+    return [sorted(x) for x in out]
+
+
+# ----------------------------------------------------------------------------- process group
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset or empty); ValueError when not an int."""
+    v = os.environ.get("WORLD_SIZE", "").strip()
+    if not v:
+        return 1
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {v!r}") from None
+
+
+def is_distributed() -> bool:
+    """True when a call would run sharded: an initialised process group of size > 1, or none yet
+    and ``WORLD_SIZE`` > 1 (a ``torchrun`` launch)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    return world_size_from_env() > 1
+
+
+def _init_group() -> bool:
+    """Initialise the default group from the environment if needed; True when we created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        if not os.environ.get(var):
+            raise ValueError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but {var} is not set; start with "
+                             "torchrun (or set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method="env://")
+    return True
+
+
+def _object_group():
+    """A gloo group for the object collectives (the default group when it already is gloo)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+class _Failure:
+    """A picklable record of one rank's exception."""
+
+    def __init__(self, exc: BaseException, phase: str):
+        self.kind = ("ValueError" if isinstance(exc, ValueError) else
+                     "TypeError" if isinstance(exc, TypeError) else "RuntimeError")
+        self.type_name = type(exc).__name__
+        self.message = str(exc)
+        self.phase = phase
+
+
+def _exchange_status(err: Optional[BaseException], phase: str, me: int, group) -> None:
+    """All ranks share their status; if any failed, every rank raises (own error re-raised)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    statuses: list[Any] = [None] * world
+    dist.all_gather_object(statuses, None if err is None else _Failure(err, phase), group=group)
+    failed = [(r, f) for r, f in enumerate(statuses) if f is not None]
+    if not failed:
+        return
+    r0, f0 = failed[0]
+    more = f" ({len(failed) - 1} other rank(s) failed too)" if len(failed) > 1 else ""
+    msg = f"rank {r0} of {world} failed while {f0.phase}: {f0.message}{more}"
+    if err is not None and isinstance(err, (ValueError, TypeError)) and r0 == me:
+        raise type(err)(msg) from err
+    if err is not None and r0 == me:
+        raise err
+    exc_type = {"ValueError": ValueError, "TypeError": TypeError}.get(f0.kind, RuntimeError)
+    raise exc_type(msg)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def aggregate_adapters(adapter_dirs: Sequence[_peft.PathLike], out_dir: _peft.PathLike, weights=None, *,
+                       rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
+                       residual: str = "save", base_model: Optional[_peft.PathLike] = None,
+                       merged_out: Optional[_peft.PathLike] = None, progress: bool = False,
+                       profile: bool = False, keep_residuals: bool = True,
+                       **layer_kwargs) -> ModelAggregation:
+    """Aggregate K PEFT LoRA adapter folders into ``out_dir``, sharded across torch.distributed ranks.
+
+    Same arguments and output as :func:`fedmomentum.peft.aggregate_adapters` (see there); every
+    rank must call it with the same arguments. Runs locally when no process group is initialised
+    and ``WORLD_SIZE`` is unset or 1. See the module docstring for the sharding, the gather to
+    rank 0, the memory cost and what non-zero ranks return. ``progress`` shows rank 0's bar.
+
+    Raises on every rank (ValueError/TypeError naming the failing rank, module and client, or
+    RuntimeError) when any rank fails; then neither ``out_dir`` nor ``merged_out`` is written.
+    """
+    import torch.distributed as dist
+
+    kwargs = dict(rank=rank, method=method, solver=solver, residual=residual, base_model=base_model,
+                  merged_out=merged_out, progress=progress, profile=profile, keep_residuals=keep_residuals,
+                  **layer_kwargs)
+    if not is_distributed():
+        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
+    _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out)
+    created = _init_group()
+    try:
+        if dist.get_world_size() == 1:
+            return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
+        return _run_sharded(adapter_dirs, out_dir, weights, **kwargs)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out) -> None:
+    """The argument checks of the local path that need no file system (same on every rank)."""
+    if isinstance(adapter_dirs, (str, os.PathLike)):
+        raise TypeError("adapter_dirs must be a sequence of K adapter folders, got a single path")
+    if residual not in _peft._RESIDUAL_MODES:
+        raise ValueError(f"residual must be one of {list(_peft._RESIDUAL_MODES)}, got {residual!r}")
+    if residual == "merge":
+        if base_model is None or merged_out is None:
+            raise ValueError("residual='merge' needs base_model (a transformers model folder) and "
+                             "merged_out (where the merged model is written)")
+    elif merged_out is not None or base_model is not None:
+        raise ValueError(f"base_model / merged_out are only used with residual='merge' (got residual={residual!r})")
+    if method == "flora" and residual == "discard":
+        raise ValueError("method 'flora' puts the whole update in the residual and restarts the adapter; "
+                         "residual='discard' would drop the whole update (use 'save' or 'merge')")
+
+
+def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residual, base_model, merged_out,
+                 progress, profile, keep_residuals, **layer_kwargs) -> ModelAggregation:
+    import torch.distributed as dist
+
+    t_all = time.perf_counter()
+    me, world = dist.get_rank(), dist.get_world_size()
+    group = _object_group()
+    core_residual = "none" if residual == "discard" else "factored"
+
+    # 1. plan (headers only) on every rank
+    err: Optional[BaseException] = None
+    aplan = None
+    try:
+        aplan = _peft.plan_adapters(adapter_dirs, weights)
+        if me == 0 and residual == "merge":
+            if not (Path(base_model) / "config.json").is_file():
+                raise ValueError(f"base_model {str(base_model)!r} is not a transformers model folder (no config.json)")
+            if Path(merged_out).resolve() == Path(out_dir).resolve():
+                raise ValueError("merged_out and out_dir must be different folders")
+    except Exception as e:  # noqa: BLE001 - reported to every rank
+        err = e
+    _exchange_status(err, "planning", me, group)
+    plan = aplan.plan
+    shards = shard_modules(plan.modules, world, rank=rank, solver=solver, need_tail=core_residual == "factored")
+    mine = shards[me]
+
+    # 2. aggregate this rank's modules (lazy reads of only these modules' tensors)
+    collected: list[ModuleResult] = []
+    part: Optional[ModelAggregation] = None
+    err = None
+    try:
+        sub = dataclasses.replace(plan, modules=tuple(plan.modules[i] for i in mine),
+                                  other_keys=tuple(() for _ in plan.clients), other_shapes=())
+
+        def on_module(res: ModuleResult) -> None:
+            collected.append(ModuleResult(res.tensors, res.residual, res.report, res.out_alpha,
+                                          res.out_use_rslora))
+
+        part = _run_local_shard(aplan, sub, rank=rank, method=method, solver=solver, residual=core_residual,
+                                progress=progress and me == 0, profile=profile, on_module=on_module,
+                                **layer_kwargs)
+    except Exception as e:  # noqa: BLE001
+        err = e
+    _exchange_status(err, f"aggregating its {len(mine)} module(s)", me, group)
+
+    # 3. gather the small outputs to rank 0
+    payload = list(zip(mine, collected))
+    gathered: Optional[list] = [None] * world if me == 0 else None
+    dist.gather_object(payload, gathered, dst=0, group=group)
+
+    # 4. rank 0 assembles and writes; everyone learns whether it worked
+    agg: Optional[ModelAggregation] = None
+    err = None
+    if me == 0:
+        try:
+            results: list[Optional[ModuleResult]] = [None] * len(plan.modules)
+            for chunk in gathered:
+                for i, res in chunk:
+                    results[i] = res
+            del gathered
+            missing = [plan.modules[i].name for i, r in enumerate(results) if r is None]
+            if missing:
+                raise RuntimeError(f"no result gathered for module(s) {missing[:3]}")
+            agg = _assemble_and_write(aplan, results, out_dir, rank=rank, method=method, residual=residual,
+                                      core_residual=core_residual, base_model=base_model,
+                                      merged_out=merged_out, profile=profile, keep_residuals=keep_residuals,
+                                      t_all=t_all)
+        except Exception as e:  # noqa: BLE001
+            err = e
+    _exchange_status(err, "assembling and writing the output", me, group)
+    if me == 0:
+        return agg
+    # a worker returns its own shard
+    cfg = output_config(plan, collected, rank=rank, base=plan.configs[0]) if collected else {}
+    return ModelAggregation(state_dict=part.state_dict, residuals=part.residuals if keep_residuals else {},
+                            report=part.report, config=cfg, method=method, residual_mode=part.residual_mode,
+                            seconds=time.perf_counter() - t_all, profile=profile,
+                            skipped_keys=list(plan.skipped_keys))
+
+
+def _run_local_shard(aplan: _peft.AdapterPlan, sub, *, on_module, **kw) -> ModelAggregation:
+    """run_plan over this rank's sub-plan with the K safetensors files open lazily."""
+    safe_open, _ = _peft._safetensors()
+    handles, ctxs = [], []
+    try:
+        for f in aplan.files:
+            ctx = safe_open(str(f), framework="pt")
+            ctxs.append(ctx)
+            handles.append(ctx.__enter__())
+        return run_plan(sub, lambda spec: _peft.load_module_factors(aplan, spec, handles), None,
+                        on_module=on_module, keep_residuals=True, **kw)
+    finally:
+        for ctx in ctxs:
+            ctx.__exit__(None, None, None)
+
+
+def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], out_dir, *, rank, method,
+                        residual, core_residual, base_model, merged_out, profile, keep_residuals,
+                        t_all) -> ModelAggregation:
+    """Rank 0: the single-process tail of :func:`fedmomentum.peft.aggregate_adapters` on gathered results."""
+    plan = aplan.plan
+    state: dict[str, torch.Tensor] = {}
+    residuals: dict = {}
+    for spec, res in zip(plan.modules, results):
+        state.update(res.tensors)
+        if res.residual is not None:
+            residuals[spec.name] = res.residual
+    if plan.other_keys and plan.other_keys[0]:  # non-LoRA tensors (small): averaged on rank 0
+        safe_open, _ = _peft._safetensors()
+        others_plan = dataclasses.replace(plan, modules=())
+        ctxs, handles = [], []
+        try:
+            for f in aplan.files:
+                ctx = safe_open(str(f), framework="pt")
+                ctxs.append(ctx)
+                handles.append(ctx.__enter__())
+            others = run_plan(others_plan, lambda spec: ([], []),
+                              lambda key: _peft._load_other(aplan, handles, key), method=method)
+        finally:
+            for ctx in ctxs:
+                ctx.__exit__(None, None, None)
+        state.update(others.state_dict)
+    cfg = output_config(plan, results, rank=rank, base=plan.configs[0])
+    mode = "factored" if core_residual == "factored" else "discarded"
+    if core_residual == "factored" and not any(r.report.residual_rank for r in results):
+        mode = "none"
+    if method == "fedsa_lora":
+        cfg["fedmomentum_note"] = ("fedsa_lora: lora_A only; clients keep their own lora_B "
+                                   "(load with set_peft_model_state_dict)")
+    agg = ModelAggregation(state_dict=state, residuals=residuals, report=[r.report for r in results],
+                           config=cfg, method=method, residual_mode=mode, seconds=time.perf_counter() - t_all,
+                           profile=profile, skipped_keys=list(plan.skipped_keys))
+    target = Path(out_dir)
+    tmp = _peft._tmp_next_to(target)
+    writer = None
+    try:
+        if residual == "save" and not keep_residuals:
+            # the same streamed file as the single-process keep_residuals=False path (module order)
+            writer = _peft.SafetensorsStreamWriter(tmp / _peft.RESIDUAL_FILE,
+                                                   metadata={"format": "pt", "fedmomentum": "residual"})
+            for name, lr in residuals.items():
+                writer.add(f"{name}.residual_left", lr.left)
+                writer.add(f"{name}.residual_right", lr.right)
+            writer.close()
+            if not writer.count:
+                (tmp / _peft.RESIDUAL_FILE).unlink()
+            writer = None
+        agg.seconds = time.perf_counter() - t_all
+        _peft._fill_adapter_dir(tmp, state, cfg, residuals if (residual == "save" and keep_residuals) else None,
+                                _peft._report_json(agg))
+        if residual == "merge":
+            _peft.merge_base_model(base_model, residuals, merged_out)
+        _peft._install(tmp, target)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not keep_residuals:
+        agg.residuals = {}
+    return agg
