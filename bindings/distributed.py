@@ -24,8 +24,9 @@ How it works (every step is the same on every rank, so no rank waits for a decis
    the error): if any rank failed, *every* rank raises (ValueError/TypeError as the original,
    else RuntimeError) naming the failing rank and its message (which names module and client),
    and nothing is written. No rank is left waiting in a collective.
-5. **Gather.** Each rank sends its results (new rank-r factors, factored residuals, report rows)
-   to rank 0 with ``gather_object``. Rank 0 assembles them in module order and writes the output
+5. **Gather.** Each rank sends its results to rank 0: the report rows, names, shapes and dtypes
+   with ``gather_object``, the tensors (new rank-r factors, factored residuals) as raw bytes with
+   ``send``/``recv``, one tensor at a time (no pickling of tensor data). Rank 0 assembles them in module order and writes the output
    exactly as the single-process path does (same keys, same bytes for ``adapter_model.safetensors``,
    ``adapter_config.json`` and ``residual.safetensors``; ``fedmomentum_report.json`` differs only
    in timings), atomically (temporary folder, then rename). ``residual="merge"`` merges the
@@ -33,9 +34,8 @@ How it works (every step is the same on every rank, so no rank waits for a decis
 
 Memory: a worker holds one module's K factors plus its shard's outputs; rank 0 additionally
 holds every module's outputs (the new adapter plus the residual factors, rank ≤ R − r each: the
-same as one process with ``keep_residuals=True``) and, transiently during the gather, the
-pickled payloads (``gather_object`` pads each to the largest: ≈ world size × the largest shard's
-outputs). Inputs, the large part (K × every module's factors), are read once, spread across the
+same as one process with ``keep_residuals=True``), received straight into their final buffers (no
+second copy); a sending rank may make one contiguous copy of a tensor at a time. Inputs, the large part (K × every module's factors), are read once, spread across the
 ranks. Objects travel on a gloo group (the default group if it is gloo, else a gloo side group
 created here), so an NCCL default group works unchanged and no GPU memory is used for the gather.
 
@@ -62,6 +62,7 @@ import torch
 from fedmomentum_core.model import ModelAggregation, ModuleResult, ModuleSpec, output_config, run_plan
 from fedmomentum_core.planner import choose_solver
 from fedmomentum_core.profiling import solver_flops
+from fedmomentum_core.types import LowRank
 
 from . import peft as _peft
 
@@ -295,10 +296,8 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
         err = e
     _exchange_status(err, f"aggregating its {len(mine)} module(s)", me, group)
 
-    # 3. gather the small outputs to rank 0
-    payload = list(zip(mine, collected))
-    gathered: Optional[list] = [None] * world if me == 0 else None
-    dist.gather_object(payload, gathered, dst=0, group=group)
+    # 3. gather the outputs to rank 0: metadata with gather_object, tensors with send/recv
+    gathered = _gather_results(list(zip(mine, collected)), me, world, group)
 
     # 4. rank 0 assembles and writes; everyone learns whether it worked
     agg: Optional[ModelAggregation] = None
@@ -328,6 +327,58 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
                             report=part.report, config=cfg, method=method, residual_mode=part.residual_mode,
                             seconds=time.perf_counter() - t_all, profile=profile,
                             skipped_keys=list(plan.skipped_keys))
+
+
+def _tensor_meta(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype
+
+
+def _gather_results(payload: list[tuple[int, ModuleResult]], me: int, world: int, group
+                    ) -> Optional[list[list[tuple[int, ModuleResult]]]]:
+    """Send every rank's ``(module index, ModuleResult)`` list to rank 0 (None elsewhere).
+
+    The small part (report rows, alphas, tensor names, shapes and dtypes) goes with one
+    ``gather_object``; the tensors go as raw bytes with point-to-point ``send``/``recv`` on the gloo
+    group, one tensor at a time, rank after rank, into buffers allocated once on rank 0 (no pickling
+    of tensor data, no padding to the largest rank; pickling megabytes through ``gather_object`` was
+    several times slower on loopback).
+    """
+    import torch.distributed as dist
+
+    metas, flat = [], []
+    for i, res in payload:
+        tmeta = [(k, *_tensor_meta(t)) for k, t in res.tensors.items()]
+        flat += list(res.tensors.values())
+        rmeta = None
+        if res.residual is not None:
+            rmeta = (_tensor_meta(res.residual.left), _tensor_meta(res.residual.right))
+            flat += [res.residual.left, res.residual.right]
+        metas.append((i, res.report, res.out_alpha, res.out_use_rslora, tmeta, rmeta))
+    all_meta: Optional[list] = [None] * world if me == 0 else None
+    dist.gather_object(metas, all_meta, dst=0, group=group)
+    if me != 0:
+        for t in flat:
+            if t.numel():
+                dist.send(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8), dst=0, group=group)
+        return None
+
+    def recv(src: int, shape, dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel():
+            dist.recv(t.reshape(-1).view(torch.uint8), src=src, group=group)
+        return t
+
+    out = [payload]
+    for src in range(1, world):
+        got = []
+        for i, report, alpha, rs, tmeta, rmeta in all_meta[src]:
+            tensors = {k: recv(src, shape, dtype) for k, shape, dtype in tmeta}
+            resid = None
+            if rmeta is not None:
+                resid = LowRank(recv(src, *rmeta[0]), recv(src, *rmeta[1]))
+            got.append((i, ModuleResult(tensors, resid, report, alpha, rs)))
+        out.append(got)
+    return out
 
 
 def _run_local_shard(aplan: _peft.AdapterPlan, sub, *, on_module, **kw) -> ModelAggregation:
