@@ -41,7 +41,10 @@ created here), so an NCCL default group works unchanged and no GPU memory is use
 
 Process group: if ``torch.distributed`` is initialised it is used; otherwise, when ``WORLD_SIZE``
 > 1, one is created from the environment (``init_method="env://"``; backend nccl when CUDA is
-available, else gloo) and destroyed at the end. With neither (or a world of 1) the call is the
+available, else gloo), kept for later calls and destroyed at interpreter exit (or by
+:func:`release_process_group`). It is not destroyed after each call on purpose: a second call would
+re-create the rendezvous store on the same ``MASTER_PORT`` while a slower rank may still hold the
+old one, and a fast rank can join the stale store and hang (seen in testing). With neither (or a world of 1) the call is the
 local :func:`fedmomentum.peft.aggregate_adapters`.
 
 Return value: rank 0 returns the full :class:`~fedmomentum.ModelAggregation` (as one process
@@ -66,7 +69,8 @@ from fedmomentum_core.types import LowRank
 
 from . import peft as _peft
 
-__all__ = ["aggregate_adapters", "shard_modules", "module_cost", "world_size_from_env", "is_distributed"]
+__all__ = ["aggregate_adapters", "shard_modules", "module_cost", "world_size_from_env", "is_distributed",
+           "release_process_group"]
 
 #: FLOP-equivalents charged per input byte read in :func:`module_cost` (a machine balance of
 #: ≈ 8 FLOP/byte: a core doing ~10 GFLOP/s on these shapes reads ~1 GB/s of safetensors)
@@ -137,8 +141,30 @@ def is_distributed() -> bool:
     return world_size_from_env() > 1
 
 
+_CREATED = {"group": False, "atexit": False}
+_OBJECT_GROUPS: dict = {}
+
+
+def release_process_group() -> bool:
+    """Destroy the default process group if :func:`aggregate_adapters` created it (it is kept for
+    later calls otherwise, and destroyed at exit). Every rank must call it. Returns True if one was
+    destroyed."""
+    import torch.distributed as dist
+
+    _OBJECT_GROUPS.clear()
+    if _CREATED["group"] and dist.is_available() and dist.is_initialized():
+        _CREATED["group"] = False
+        dist.destroy_process_group()
+        return True
+    _CREATED["group"] = False
+    return False
+
+
 def _init_group() -> bool:
-    """Initialise the default group from the environment if needed; True when we created it."""
+    """Initialise the default group from the environment if needed (kept until exit or
+    :func:`release_process_group`); True when we created it now."""
+    import atexit
+
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -154,6 +180,10 @@ def _init_group() -> bool:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend, init_method="env://")
+    _CREATED["group"] = True
+    if not _CREATED["atexit"]:
+        atexit.register(release_process_group)
+        _CREATED["atexit"] = True
     return True
 
 
@@ -163,7 +193,11 @@ def _object_group():
 
     if dist.get_backend() == "gloo":
         return None
-    return dist.new_group(backend="gloo")
+    key = id(dist.group.WORLD)
+    if key not in _OBJECT_GROUPS:  # created once per default group (a collective call on all ranks)
+        _OBJECT_GROUPS.clear()
+        _OBJECT_GROUPS[key] = dist.new_group(backend="gloo")
+    return _OBJECT_GROUPS[key]
 
 
 class _Failure:
@@ -224,14 +258,10 @@ def aggregate_adapters(adapter_dirs: Sequence[_peft.PathLike], out_dir: _peft.Pa
     if not is_distributed():
         return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
     _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out)
-    created = _init_group()
-    try:
-        if dist.get_world_size() == 1:
-            return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
-        return _run_sharded(adapter_dirs, out_dir, weights, **kwargs)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    _init_group()
+    if dist.get_world_size() == 1:
+        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
+    return _run_sharded(adapter_dirs, out_dir, weights, **kwargs)
 
 
 def _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out) -> None:
