@@ -122,11 +122,26 @@ def markdown(rows, title):
     return "\n".join(out) + "\n"
 
 
+def _num(v: str):
+    """A CSV cell back as int/float where it is one (empty -> NaN)."""
+    if v == "":
+        return float("nan")
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1024² and 4096² at K=10, r=16 only")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "layer_cpu"),
                     help="output path without extension (default benchmarks/results/layer_cpu)")
+    ap.add_argument("--cases", default=None, metavar="MxN:K:r,...",
+                    help="re-measure only these rows (e.g. 4096x4096:10:64) and replace them in the "
+                         "existing CSV/markdown at --out (for rows disturbed by other load)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     # calibrate the full-SVD cost (seconds per m·n·min(m, n)) on 1024²
@@ -139,6 +154,21 @@ def main(argv=None):
         grid = [(sh, K, r) for sh in SHAPES for K in CLIENTS for r in RANKS]
     from tqdm import tqdm
     rows = []
+    if args.cases:
+        import csv
+        with open(args.out + ".csv", newline="") as f:
+            rows = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        for case in args.cases.split(","):
+            shape, K, r = case.split(":")
+            m, n = (int(x) for x in shape.lower().split("x"))
+            new = run_one(m, n, int(K), int(r), rate)
+            idx = [i for i, row in enumerate(rows) if (row["m"], row["n"], row["K"], row["r"]) == (m, n, int(K), int(r))]
+            if idx:
+                rows[idx[0]] = new
+            else:
+                rows.append(new)
+        write_csv(args.out + ".csv", rows)
+        grid = []
     for (m, n), K, r in tqdm(grid, desc="layer benchmark"):
         rows.append(run_one(m, n, K, r, rate))
         write_csv(args.out + ".csv", rows)
