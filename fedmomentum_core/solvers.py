@@ -444,9 +444,20 @@ def solve_randomized(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.f
     ΔW − U S Vᵀ in factored form (left = [B_cat | −U S], right = [A_cat; Vᵀ]), so the
     aggregation invariant still holds exactly.
     """
-    Bs, As = stacked_pair(inp, dtype)
-    m, n, R = inp.m, inp.n, Bs.width
-    ell = max(1, min(rank + oversample, R, m, n))
+    m, n = inp.m, inp.n
+    ell = max(1, min(rank + oversample, inp.R, m, n))
+    k_top = min(rank, ell)
+    if K.select_backend(inp.device) == "torch":
+        # stacks pre-scaled once, with spare room where the exact remainder's −US and Vᵀ go:
+        # no second copy of the (large, R = Σ r_k) stacks
+        Xb = StackedBatch([inp], "left", _column_coeffs([inp], "left"), dtype, extra=k_top, prescale=True)
+        Xa = StackedBatch([inp], "right", _column_coeffs([inp], "right"), dtype, extra=k_top, prescale=True)
+        Bs = As = None
+        rawB, rawA = Xb.raw[0], Xa.raw[0]  # m x R, R x n
+        R = inp.R
+    else:
+        Bs, As = stacked_pair(inp, dtype)
+        R = Bs.width
     dev = inp.device
     if generator is None:
         generator = torch.Generator(device=dev)
@@ -457,9 +468,13 @@ def solve_randomized(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.f
         return torch.randn(rows, cols, generator=generator, device=gdev, dtype=dtype).to(dev)
 
     def apply_dw(x):  # ΔW @ x, x is n x l
+        if Bs is None:
+            return rawB @ (rawA @ x)
         return Bs.tall_apply(As.tall_apply_t(x))
 
     def apply_dwt(y):  # ΔWᵀ @ y, y is m x l
+        if Bs is None:
+            return rawA.T @ (rawB.T @ y)
         return As.tall_apply(Bs.tall_apply_t(y))
 
     Q = _orth(apply_dw(randn(n, ell)))
@@ -479,8 +494,14 @@ def solve_randomized(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.f
         Y = apply_dw(randn(n, probes))
         Y = Y - Q @ (Q.T @ Y)
         outside = float((Y.to(torch.float64) ** 2).sum()) / probes
-    remainder = LowRank(torch.cat([Bs.tall_dense(), -(U * S[:k][None, :])], dim=1),
-                        torch.cat([As.tall_dense().T, V.T], dim=0))
+    if Bs is None:
+        left, right = Xb.full[0], Xa.full[0]  # m x (R + k_top), (R + k_top) x n
+        left[:, R:R + k].copy_(-(U * S[:k][None, :]))
+        right[R:R + k].copy_(V.T)
+        remainder = LowRank(left[:, :R + k], right[:R + k])
+    else:
+        remainder = LowRank(torch.cat([Bs.tall_dense(), -(U * S[:k][None, :])], dim=1),
+                            torch.cat([As.tall_dense().T, V.T], dim=0))
     return SVDFactors(U=U, S=S[:k], V=V, total_energy=inside + outside, solver="randomized",
                       remainder=remainder)
 
