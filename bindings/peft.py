@@ -506,7 +506,10 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
             it into the loaded base model (``"merge"``) as soon as it is computed and keeps none
             (``residuals`` is then empty): memory is one module's factors plus the output adapter.
             The CLI uses False.
-        **layer_kwargs: passed to ``aggregate_lora`` (split, compute_dtype, generator, tau, ...).
+        **layer_kwargs: passed to ``aggregate_lora`` (split, compute_dtype, generator, tau, ...),
+            and ``max_memory`` (e.g. ``"2GB"``): a budget for what the call holds at once (one
+            module's factors plus the kept outputs; ValueError naming the module when one module
+            alone cannot fit, or when the kept outputs cannot, before anything is read).
 
     Reads one module's factors at a time (lazy ``safe_open``): the K inputs are never all in
     memory. What is kept until the end is the output (the new rank-r adapter and, unless
