@@ -75,7 +75,7 @@ def _phase(name: str, shapes: list) -> str:
     return "RxR work"
 
 
-def breakdown(model: str, clients: int, rank: int) -> dict[str, float]:
+def breakdown(model: str, clients: int, rank: int, residual: str = "factored") -> dict[str, float]:
     """Self CPU seconds by phase for one layer (7 modules, batched by shape)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -90,11 +90,11 @@ def breakdown(model: str, clients: int, rank: int) -> dict[str, float]:
     for i, t in enumerate(mods):
         groups.setdefault((t.m, t.n), []).append(i)
     for g in groups.values():  # warm-up
-        aggregate_layers([pairs[i] for i in g], w, rank=rank)
+        aggregate_layers([pairs[i] for i in g], w, rank=rank, residual=residual)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         for g in groups.values():
-            aggregate_layers([pairs[i] for i in g], w, rank=rank)
+            aggregate_layers([pairs[i] for i in g], w, rank=rank, residual=residual)
         wall = time.perf_counter() - t0
     out: dict[str, float] = {}
     for ev in prof.key_averages(group_by_input_shape=True):
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     u = scenario("per-module loop", layers=nb, layers_at_once=nb, batched=False, residual=args.residual, progress=False)
     reports["batched_speedup"] = u["round_seconds"] / b["round_seconds"]
     print(f"batched speedup over the per-module loop: {reports['batched_speedup']:.2f}x", flush=True)
-    reports["breakdown_one_layer"] = breakdown(args.model, args.clients, args.rank)
+    reports["breakdown_one_layer"] = breakdown(args.model, args.clients, args.rank, args.residual)
     print(f"breakdown (one layer): {reports['breakdown_one_layer']}", flush=True)
     if not args.skip_k100:
         k = scenario(f"round K=100 (residual={args.residual})", clients=100, layers=args.k100_layers,
