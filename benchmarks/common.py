@@ -10,17 +10,21 @@ from typing import Callable, Iterable
 import torch
 
 
-def machine() -> str:
-    """A short description of the CPU (and GPU when present) this ran on."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """A short description of the CPU (and GPU when present) this ran on."""
+    cpu = cpu_name()
     desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         desc += f", {torch.cuda.get_device_name(0)}"

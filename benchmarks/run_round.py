@@ -30,18 +30,10 @@ from typing import Any
 import torch
 
 from fedmomentum_core.profiling import profile_round, synthetic_module
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name  # noqa: E402
 from fedmomentum_core.shapes import model_shapes
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> float:
@@ -131,7 +123,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version()}
     print(f"machine: {machine}", flush=True)
     rows: list[dict[str, Any]] = []

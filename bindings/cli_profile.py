@@ -57,11 +57,8 @@ def _fmt_s(x: float) -> str:
 
 
 def _fmt_b(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} TiB"  # pragma: no cover
+    from fedmomentum_core.profiling import _fmt_bytes
+    return _fmt_bytes(b, digits=1)
 
 
 def format_report(rep: dict[str, Any], max_rows: int = 14) -> str:

@@ -374,12 +374,12 @@ def plan_chunks(items: Sequence[Any], need: Callable[[Any], int], budget: Option
     return chunks
 
 
-def _fmt_bytes(b: float) -> str:
+def _fmt_bytes(b: float, digits: int = 2) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.{digits}f} {unit}"
         b /= 1024
-    return f"{b:.2f} TiB"  # pragma: no cover
+    return f"{b:.{digits}f} TiB"  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- synthetic rounds
