@@ -103,8 +103,8 @@ def stacked_pair(inp: LayerInput, dtype: torch.dtype) -> tuple[Stacked, Stacked]
 
 @contextlib.contextmanager
 def _small_ops(size: int):
-    """Run R x R factorisations single-threaded on CPU when R is small: OpenMP start-up and
-    spinning cost more than the work itself (measured: eigh of 160 x 160 fp64 ~2x faster)."""
+    """Run R x R factorisations single-threaded on CPU when R ≤ :data:`SMALL_SINGLE_THREAD`
+    (off by default, see there)."""
     if size > SMALL_SINGLE_THREAD or torch.get_num_threads() == 1:
         yield
         return
@@ -116,8 +116,11 @@ def _small_ops(size: int):
         torch.set_num_threads(n)
 
 
-#: R up to which the R x R factorisations run on one CPU thread
-SMALL_SINGLE_THREAD = 384
+#: R up to which the R x R factorisations run on one CPU thread. 0 (off): re-measured on a quiet
+#: 2-core CPU, all threads were ~7% faster (4096², K=10, r=16: 16.1 vs 17.2 ms median; a
+#: Llama-70B layer, stacked residual: 134 vs 144 ms). Kept as a knob for machines where OpenMP
+#: start-up dominates the small factorisations.
+SMALL_SINGLE_THREAD = 0
 
 
 def _eps(dtype: torch.dtype) -> float:
