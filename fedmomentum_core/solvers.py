@@ -256,13 +256,10 @@ class _BatchBasis:
     Q: dict  # layer index -> explicit Q (rows x k) for the layers that fell back to QR
     methods: list
 
-    def apply(self, st: StackedBatch, mat: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """Q_l @ mat_l for every layer (mat L x k x l fp64) -> L x rows x l (``transposed``: its
-        transpose, L x l x rows, see :meth:`StackedBatch.tall_apply`)."""
+    def apply(self, st: StackedBatch, mat: torch.Tensor) -> torch.Tensor:
+        """Q_l @ mat_l for every layer (mat L x k x l fp64) -> L x rows x l."""
         if not self.Q:
-            return st.tall_apply(self.T @ mat, transposed=transposed)
-        if transposed:
-            return self.apply(st, mat).transpose(1, 2)
+            return st.tall_apply(self.T @ mat)
         out = torch.empty(mat.shape[0], st.rows, mat.shape[2], dtype=st.dtype, device=st.device)
         chol = [i for i in range(mat.shape[0]) if i not in self.Q]
         if chol:
@@ -293,7 +290,7 @@ def _finite_from_grams(layers: list[LayerInput], GB: torch.Tensor, GA: torch.Ten
                          "compute dtype); rescale the adapters")
 
 
-def _batch_basis(st: StackedBatch, gram_tol: float, need_q: bool = True) -> _BatchBasis:
+def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float, need_q: bool = True) -> _BatchBasis:
     """Cholesky-QR on the Jacobi-equilibrated Gram; Householder QR where it is ill-conditioned.
 
     Equilibration: Gs = D⁻¹ G D⁻¹ with D = √diag(G); all-zero columns (clients whose factor is
@@ -301,12 +298,6 @@ def _batch_basis(st: StackedBatch, gram_tol: float, need_q: bool = True) -> _Bat
     A layer falls back to QR when the Cholesky fails or (min R_ii / max R_ii)² < ``gram_tol``
     (an estimate of 1/κ(Gs); the loss of orthogonality of Cholesky-QR is ~eps·κ(Gs)).
     ``need_q=False``: only L is wanted (no T, and the fallback computes R alone)."""
-    G = st.gram()
-    with _small_ops(G.shape[-1]):
-        return _basis_from_gram(st, G, gram_tol, need_q)
-
-
-def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float, need_q: bool = True) -> _BatchBasis:
     G = 0.5 * (G + G.transpose(1, 2))
     d = torch.sqrt(torch.clamp(torch.diagonal(G, dim1=1, dim2=2), min=0.0))  # L x R
     nz = d > 0
@@ -355,7 +346,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
 
     1. Tall stacks X_B (m x R), X_A (n x R) with the coefficients on the R side, and their Grams
        (the only (m+n)·R² work); Jacobi-equilibrated Cholesky-QR ``X = Q L`` of both, Householder
-       QR per layer when ill-conditioned (see :func:`_batch_basis`). Q_B is implicit (X_B·T_B);
+       QR per layer when ill-conditioned (see :func:`_basis_from_gram`). Q_B is implicit (X_B·T_B);
        the A side needs only L_A (no inverse, and its fallback computes R alone).
     2. Core C = L_B L_Aᵀ (R x R, fp64); ``eigh(C Cᵀ) = W Λ Wᵀ``, σ = √λ (fp64, so squaring
        costs nothing at fp32 accuracy).
