@@ -142,7 +142,6 @@ class StackedBatch:
     def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
                  extra: int = 0, prescale: bool = False):
         self.side, self.dtype = side, dtype
-        self.extra = extra  # spare columns (left) / rows (right) after the R stacked ones
         self.layers = layers
         self.c = coeffs  # L x R, fp64
         inp0 = layers[0]
