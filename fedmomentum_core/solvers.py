@@ -137,6 +137,11 @@ class StackedBatch:
     per-column coefficients; Grams and products scale the R x R / R x k operands by c instead of
     touching the big factors. On the Triton backend the per-client factors are read through
     pointer tables by the batched kernels instead.
+
+    ``prescale=True`` multiplies each client's block by its coefficient while copying it (c is
+    then all ones): the stacks are X itself, as the stacked remainder needs. ``extra`` allocates
+    that many spare columns (left) / rows (right) after the R stacked ones in ``full``, where the
+    remainder's −US / Vᵀ are written in place.
     """
 
     def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
