@@ -2,12 +2,16 @@
 
     python benchmarks/run_round.py [--model llama-70b] [--clients 10] [--rank 16] [--layers N]
         [--layers-at-once 4] [--threads T] [--k100-layers N] [--batch-layers 4] [--out DIR]
+        [--malloc reuse|system] [--skip-system-malloc]
 
 1. The round (every layer unless ``--layers``): seeded bf16 client factors generated chunk by
    chunk (``--layers-at-once`` layers held at a time, never the whole round), aggregated with
    FedMomentum (``solver=auto``, same-shaped modules batched), and in the same run the two fp32
    Gram GEMMs ``B_catᵀB_cat``, ``A_cat A_catᵀ`` of every module timed on their own: the floor of
    any exact factored method. Reported: round seconds, floor seconds, their ratio, peak RSS.
+   With ``--malloc reuse`` (default) the round runs first under the C library's default allocator
+   policy, then under :func:`fedmomentum.reuse_freed_memory` (what the CLI applies), which recycles
+   the round's freed buffers instead of zero-filling fresh pages; every later scenario uses it.
 2. Batched-by-shape vs a per-module loop on ``--batch-layers`` layers (same factors).
 3. Where the time goes in one layer (torch.profiler, self CPU time by phase).
 4. The same round with K=100 clients (``--k100-layers`` layers; extrapolated when fewer than all).
@@ -118,6 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-factored", action="store_true",
                     help="skip the second round with residual='factored' (the SVD tail)")
     ap.add_argument("--batch-layers", type=int, default=4)
+    ap.add_argument("--malloc", default="reuse", choices=["reuse", "system"],
+                    help="allocator policy of the measured rounds: 'reuse' (what the fedmomentum CLI "
+                         "runs, fedmomentum.reuse_freed_memory) or the C library's default")
+    ap.add_argument("--skip-system-malloc", action="store_true",
+                    help="with --malloc reuse, skip the first round run under the default policy")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -152,6 +161,17 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         return rep
 
+    if args.malloc == "reuse" and not args.skip_system_malloc:
+        # the same round under glibc's default policy first (the policy cannot be undone in-process)
+        s_rep = scenario(f"round (residual={args.residual}, default malloc)", layers=args.layers,
+                         gram_floor=True, layers_at_once=args.layers_at_once, residual=args.residual,
+                         progress=True)
+        reports["round_default_malloc"] = {kk: v for kk, v in s_rep.items() if kk != "modules"}
+    if args.malloc == "reuse":
+        from fedmomentum_core.alloc import allocator_policy, reuse_freed_memory
+        reuse_freed_memory()
+        machine["malloc"] = allocator_policy()
+        print(f"allocator: {machine['malloc']}", flush=True)
     main_rep = scenario(f"round (residual={args.residual})", layers=args.layers, gram_floor=True,
                         layers_at_once=args.layers_at_once, residual=args.residual, progress=True)
     reports["round"] = {kk: v for kk, v in main_rep.items() if kk != "modules"}
@@ -181,7 +201,8 @@ def main(argv=None) -> int:
         json.dump(reports, f, indent=1)
     md = [f"# {args.model} round on CPU (`benchmarks/run_round.py`)", "",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{machine['threads']} threads. Load average before/after each scenario is in the CSV "
+          f"{machine['threads']} threads; allocator policy after the first row: "
+          f"{machine.get('malloc') or 'C library default'}. Load average before/after each scenario is in the CSV "
           "(other jobs shared the CPU: > cores means contention).", "",
           "| scenario | K | layers | seconds | extrapolated round | Gram floor | ratio | peak RSS GiB | solvers |",
           "|---|---|---|---|---|---|---|---|---|"]

@@ -11,13 +11,15 @@ import torch
 
 import fedmomentum_kernels as _kernels
 from fedmomentum_core import METHODS, SOLVERS, AggregationResult, LowRank
+from fedmomentum_core.alloc import reuse_freed_memory
 from fedmomentum_core.methods import aggregate_layer as _aggregate_layer
 from fedmomentum_core.model import ModelAggregation, ModuleReport
 
 __version__ = "0.1.0"
 
 __all__ = ["aggregate_lora", "merge_residual_", "AggregationResult", "LowRank", "METHODS",
-           "SOLVERS", "__version__", "aggregate", "ModelAggregation", "ModuleReport"]
+           "SOLVERS", "__version__", "aggregate", "ModelAggregation", "ModuleReport",
+           "reuse_freed_memory"]
 
 
 def aggregate(client_state_dicts, weights=None, *, configs=None, rank: Optional[int] = None,

@@ -33,6 +33,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        # recycle freed round buffers instead of zero-filling fresh pages every round
+        # (see fedmomentum_core.alloc; FEDMOMENTUM_MALLOC=system keeps the C library's default)
+        from fedmomentum_core.alloc import cli_allocator_setup
+        cli_allocator_setup()
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fedmomentum {args.command}: error: {e}", file=sys.stderr)

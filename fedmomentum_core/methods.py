@@ -103,12 +103,12 @@ def _fresh_rows(count: int, n: int, against: torch.Tensor, opt: Options, device)
 
 def _split(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, s: float, split: str):
     """B (m x k), A (k x n) with s·B·A = U diag(S) Vᵀ."""
-    if split == "balanced":
+    if split == "balanced":  # one pass over each big factor: the scales are folded first
         root = torch.sqrt(S)
-        B = U * root[None, :] / (math.copysign(1.0, s) * math.sqrt(abs(s)))
-        A = root[:, None] * V.T / math.sqrt(abs(s))
+        B = U * (root / (math.copysign(1.0, s) * math.sqrt(abs(s))))[None, :]
+        A = V.T * (root / math.sqrt(abs(s)))[:, None]
     else:
-        B = U * S[None, :] / s
+        B = U * (S / s)[None, :]
         A = V.T.clone()
     return B, A
 

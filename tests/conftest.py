@@ -1,8 +1,14 @@
 """Shared fixtures: seeded client factors and the independent float64 dense reference."""
 from __future__ import annotations
 
+import os
+
 import torch
 import pytest
+
+# CLI calls in this process keep the C library's allocator policy (the RSS-based tests measure
+# memory growth); tests/test_alloc.py checks the CLI's reuse policy in subprocesses.
+os.environ.setdefault("FEDMOMENTUM_MALLOC", "system")
 
 
 def make_clients(m, n, ranks, *, seed=0, dtype=torch.float32, shared_A=None, decay=None):
