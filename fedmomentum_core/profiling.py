@@ -58,6 +58,16 @@ _SMALL_C = 2 / 3 + 2.0 + 4.0 + 9.0
 
 # ----------------------------------------------------------------------------- cost models
 
+def gram_flops(rows: int, R: int) -> float:
+    """FLOPs of the Gram xᵀx of a rows x R stack as the exact solver forms it: the full GEMM, or,
+    from ``SYMMETRIC_GRAM_MIN_R`` on, two GEMMs using the symmetry (3/4 of it)."""
+    from .solvers import SYMMETRIC_GRAM_MIN_R
+    if R < SYMMETRIC_GRAM_MIN_R:
+        return 2.0 * rows * R * R
+    h = R // 2
+    return 2.0 * rows * (h * h + (R - h) * R)
+
+
 def solver_flops(m: int, n: int, R: int, r: int, solver: str, *, need_tail: bool = True,
                  oversample: int = 10, power_iters: int = 2, probes: int = 16) -> dict[str, float]:
     """FLOPs of one layer's aggregation by ``solver`` (exact, randomized, dense; ``auto`` resolved
@@ -66,7 +76,7 @@ def solver_flops(m: int, n: int, R: int, r: int, solver: str, *, need_tail: bool
         solver = choose_solver(m, n, R, r, need_tail=need_tail)
     if solver == "exact":
         k = R if need_tail else min(r, R)
-        out = {"gram": 2.0 * (m + n) * R * R, "form_uv": 2.0 * (m + n) * R * k,
+        out = {"gram": gram_flops(m + n, R), "form_uv": 2.0 * (m + n) * R * k,
                "small": _SMALL_C * R ** 3 + 6.0 * R * R * k}
     elif solver == "randomized":
         ell = max(1, min(r + oversample, R, m, n))

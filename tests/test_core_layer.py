@@ -304,3 +304,24 @@ def test_batched_path_names_the_layer_and_client_with_non_finite_entries(bad, re
     huge[0][0][0].mul_(1e30)  # finite, but its square overflows fp32
     with pytest.raises(ValueError, match="too large"):
         aggregate_layers(huge, solver="exact")
+
+
+def test_batched_fallbacks_stay_per_layer():
+    """In one batch, layers whose B or A stack is rank-deficient (Householder-QR fallback) keep
+    their own basis, and every layer's factors are those of the one-layer solve."""
+    from fedmomentum_core.solvers import solve_exact_batch
+    from fedmomentum_core.validate import validate_layer
+    layers = [make_clients(60, 40, [3, 3, 3], seed=70 + i) for i in range(5)]
+    B1, A1 = layers[1]
+    layers[1] = ([B1[0].clone() for _ in B1], A1)          # shared B: B stack rank 3 of 9
+    layers[3] = make_clients(60, 40, [3, 3, 3], seed=90, shared_A="exact")  # shared A
+    inps = [validate_layer(B, A, [1, 2, 3]) for B, A in layers]
+    got = solve_exact_batch(inps, 4, need_tail=True)
+    assert [g.info["basis"] for g in got] == [
+        ("cholesky", "cholesky"), ("qr", "cholesky"), ("cholesky", "cholesky"),
+        ("cholesky", "qr"), ("cholesky", "cholesky")]
+    for (B, A), g, inp in zip(layers, got, inps):
+        ref = reference_delta(B, A, [1, 2, 3])
+        assert rel_err(g.U.double() @ g.SV.double().T, ref) < 2e-6  # U·(σV)ᵀ rebuilds ΔW
+        one = solve_exact_batch([inp], 4, need_tail=True)[0]
+        assert torch.allclose(g.S, one.S, rtol=1e-5, atol=1e-6 * float(one.S[0]))

@@ -40,9 +40,10 @@ def _slopes(solver, K, r, residual, rank):
     return out
 
 
+@pytest.mark.parametrize("K, r", [(3, 4), (5, 16)])  # R = 12: one Gram GEMM; R = 80: symmetric halves
 @pytest.mark.parametrize("residual", ["factored", "none"])
-def test_exact_flops_by_counting(residual):
-    K, r, rank = 3, 4, 4
+def test_exact_flops_by_counting(residual, K, r):
+    rank = 4
     R = K * r
     got = _slopes("exact", K, r, residual, rank)
     tail = residual == "factored"
@@ -53,10 +54,17 @@ def test_exact_flops_by_counting(residual):
 
     for (m, n) in ((300, 150), (200, 250)):
         assert got[(m, n)] - got[(200, 150)] == pytest.approx(gemm(m, n) - gemm(200, 150), rel=1e-12)
-    # and the formula's Gram term alone, counted on the two Gram GEMMs of the stacked factors
+    # and the formula's Gram term alone, counted on the Grams of the stacked factors as the solver
+    # forms them (and equal to the plain GEMMs below the symmetric split's threshold)
+    from fedmomentum_core.solvers import SYMMETRIC_GRAM_MIN_R, _gram_into
     B, A, _ = synthetic_module(200, 150, K, r, dtype=torch.float32)
     Bc, Ac = torch.cat(B, 1), torch.cat(A, 0)
-    assert _counted(lambda: (Bc.T @ Bc, Ac @ Ac.T)) == solver_flops(200, 150, R, rank, "exact")["gram"]
+    GB, GA = torch.empty(R, R), torch.empty(R, R)
+    f = solver_flops(200, 150, R, rank, "exact")["gram"]
+    assert _counted(lambda: (_gram_into(Bc, GB), _gram_into(Ac.T, GA))) == f
+    assert torch.allclose(GB, Bc.T @ Bc, rtol=1e-5, atol=1e-5) and torch.allclose(GA, Ac @ Ac.T, rtol=1e-5, atol=1e-5)
+    plain = _counted(lambda: (Bc.T @ Bc, Ac @ Ac.T))
+    assert plain == f if R < SYMMETRIC_GRAM_MIN_R else f == pytest.approx(0.75 * plain)
 
 
 def test_randomized_flops_by_counting():
