@@ -61,10 +61,14 @@ def reuse_freed_memory(keep: Union[str, int] = "1GiB") -> bool:
     """
     global _applied
     from .profiling import parse_memory
-    nbytes = parse_memory(keep)
+    try:
+        nbytes = parse_memory(keep)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"reuse_freed_memory: keep must be a size such as '1GiB' or a positive number "
+                      f"of bytes, got {keep!r}") from None
     if nbytes is None:
-        raise ValueError("keep must be a size such as '1GiB' or a number of bytes")
-    nbytes = min(int(nbytes), _INT_MAX)
+        raise ValueError("reuse_freed_memory: keep must be a size such as '1GiB' or a number of bytes")
+    nbytes = min(int(nbytes), _INT_MAX)  # mallopt takes an int
     fn = _libc()
     if fn is None:
         return False

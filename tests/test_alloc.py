@@ -52,8 +52,12 @@ def test_reuse_keeps_and_recycles_freed_buffers():
 
 
 def test_bad_settings_are_refused(monkeypatch):
-    with pytest.raises(ValueError, match="memory size"):
+    with pytest.raises(ValueError, match="keep must be a size.*'lots'"):
         reuse_freed_memory("lots")
+    with pytest.raises(TypeError, match="keep must be a size.*True"):
+        reuse_freed_memory(True)
+    with pytest.raises(ValueError, match="keep must be"):
+        reuse_freed_memory(None)
     monkeypatch.setenv("FEDMOMENTUM_MALLOC", "sometimes")
     with pytest.raises(ValueError, match="FEDMOMENTUM_MALLOC"):
         cli_allocator_setup()
