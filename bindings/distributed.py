@@ -54,9 +54,11 @@ modules' tensors, residuals and report rows; ``config`` is the full output confi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -68,6 +70,8 @@ from fedmomentum_core.profiling import solver_flops
 from fedmomentum_core.types import LowRank
 
 from . import peft as _peft
+
+log = logging.getLogger(__name__)
 
 __all__ = ["aggregate_adapters", "shard_modules", "module_cost", "world_size_from_env", "is_distributed",
            "release_process_group"]
@@ -151,11 +155,22 @@ def release_process_group() -> bool:
     destroyed."""
     import torch.distributed as dist
 
-    _OBJECT_GROUPS.clear()
     if _CREATED["group"] and dist.is_available() and dist.is_initialized():
+        # all ranks reach the teardown together: a rank that destroys its group (rank 0 also
+        # hosts the TCPStore) while a peer is still mid-teardown made rank 0 abort at exit now
+        # and then ("terminate called without an active exception"). A monitored barrier on the
+        # gloo group times out instead of hanging when a peer is gone.
+        try:
+            dist.monitored_barrier(group=_object_group(), timeout=timedelta(seconds=60),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:  # a peer died or is stuck: tear down anyway
+            log.warning("fedmomentum.distributed: barrier before releasing the process group "
+                        "failed (%s); destroying it anyway", str(e).splitlines()[0] if str(e) else e)
+        _OBJECT_GROUPS.clear()
         _CREATED["group"] = False
         dist.destroy_process_group()
         return True
+    _OBJECT_GROUPS.clear()
     _CREATED["group"] = False
     return False
 
