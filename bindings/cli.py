@@ -18,7 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(
         prog="fedmomentum",
-        description="Exact, fast FedMomentum aggregation of federated LoRA adapters.")
+        description="Exact, fast FedMomentum aggregation of federated LoRA adapters.",
+        epilog="Environment: the CLI recycles freed round buffers instead of having the kernel "
+               "zero-fill fresh pages every round (fedmomentum.reuse_freed_memory, glibc only); "
+               "FEDMOMENTUM_MALLOC=system keeps the C library's default policy, "
+               "FEDMOMENTUM_MALLOC_KEEP=SIZE (default 1GiB) bounds the freed memory kept.")
     parser.add_argument("--version", action="version", version=f"fedmomentum {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

@@ -63,3 +63,28 @@ def test_bad_settings_are_refused(monkeypatch):
         cli_allocator_setup()
     monkeypatch.setenv("FEDMOMENTUM_MALLOC", "system")
     assert cli_allocator_setup() is False
+
+
+_CLI = r"""
+import json, sys
+from fedmomentum.cli import main
+from fedmomentum_core.alloc import allocator_policy
+rc = main(["demo", "--size", "128", "--clients", "3", "--rank", "4", "--no-full-svd"])
+print(json.dumps({"rc": rc, "policy": allocator_policy()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt policy (Linux)")
+@pytest.mark.parametrize("mode", [None, "system"])
+def test_cli_applies_the_policy_unless_told_not_to(mode):
+    env = {k: v for k, v in os.environ.items() if k != "FEDMOMENTUM_MALLOC"}
+    if mode:
+        env["FEDMOMENTUM_MALLOC"] = mode
+    out = subprocess.run([sys.executable, "-c", _CLI], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0
+    if mode == "system":
+        assert got["policy"] is None
+    else:
+        assert got["policy"] == {"mmap_threshold": 32 * 2 ** 20, "trim_threshold": 2 ** 30}
