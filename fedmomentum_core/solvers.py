@@ -203,7 +203,7 @@ class StackedBatch:
                     w = t.shape[1] if side == "left" else t.shape[0]
                     blk = raw[:, off:off + w] if side == "left" else raw[off:off + w]
                     blk.copy_(t)
-                    if prescale:  # scale the block while it is still in cache
+                    if prescale and cvals[li][off] != 1.0:  # scale the block while still in cache
                         blk.mul_(cvals[li][off])
                     off += w
                 self.full.append(full)
@@ -270,14 +270,21 @@ class StackedBatch:
         return x * self.c[li].to(self.dtype)[None, :]
 
 
-def _column_coeffs(layers: list[LayerInput], side: str) -> torch.Tensor:
-    """Per-column coefficients c (B side: sign(c_k)√|c_k|, A side: √|c_k|), L x R fp64."""
+def _column_coeffs(layers: list[LayerInput], side: str, split: str = "sqrt") -> torch.Tensor:
+    """Per-column coefficients, L x R fp64, with c_B·c_A = c_k for client k's columns.
+
+    ``split="sqrt"``: B side sign(c_k)√|c_k|, A side √|c_k|. ``split="left"`` / ``"right"``: the
+    whole c_k on that side and 1 on the other (the prescaled stacks of the stacked remainder put it
+    on the shorter side, so the longer one is copied without a scaling pass)."""
     rows = []
     for inp in layers:
         col = []
         for c, r in zip(inp.coeffs, inp.ranks):
-            v = math.sqrt(abs(c))
-            col += [math.copysign(v, c) if side == "left" else v] * r
+            if split == "sqrt":
+                v = math.sqrt(abs(c))
+                col += [math.copysign(v, c) if side == "left" else v] * r
+            else:
+                col += [c if side == split else 1.0] * r
         rows.append(col)
     return torch.tensor(rows, dtype=torch.float64, device=layers[0].device)
 
@@ -410,9 +417,11 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
     R = layers[0].R
     k_top = min(rank, R)
     extra = k_top if stacked_remainder else 0
-    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left"), dtype, extra=extra,
+    # stacked remainder: the stacks are X itself (prescaled), with each c_k on the shorter side only
+    split = ("right" if layers[0].n <= layers[0].m else "left") if stacked_remainder else "sqrt"
+    Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left", split), dtype, extra=extra,
                       prescale=stacked_remainder)
-    As = StackedBatch(layers, "right", _column_coeffs(layers, "right"), dtype, extra=extra,
+    As = StackedBatch(layers, "right", _column_coeffs(layers, "right", split), dtype, extra=extra,
                       prescale=stacked_remainder)
     GB, GA = Bs.gram(), As.gram()
     if check_finite:
@@ -486,10 +495,11 @@ def solve_randomized(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.f
     if K.select_backend(inp.device) == "torch":
         # stacks pre-scaled once, with spare room where the exact remainder's −US and Vᵀ go:
         # no second copy of the (large, R = Σ r_k) stacks
-        Xb = StackedBatch([inp], "left", _column_coeffs([inp], "left"), dtype, extra=k_top, prescale=True,
-                          gram=False)
-        Xa = StackedBatch([inp], "right", _column_coeffs([inp], "right"), dtype, extra=k_top, prescale=True,
-                          gram=False)
+        split = "right" if n <= m else "left"  # each c_k on the shorter side: no pass over the longer
+        Xb = StackedBatch([inp], "left", _column_coeffs([inp], "left", split), dtype, extra=k_top,
+                          prescale=True, gram=False)
+        Xa = StackedBatch([inp], "right", _column_coeffs([inp], "right", split), dtype, extra=k_top,
+                          prescale=True, gram=False)
         Bs = As = None
         rawB, rawA = Xb.raw[0], Xa.raw[0]  # m x R, R x n
         R = inp.R
