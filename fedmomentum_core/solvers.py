@@ -273,9 +273,11 @@ class StackedBatch:
 def _column_coeffs(layers: list[LayerInput], side: str, split: str = "sqrt") -> torch.Tensor:
     """Per-column coefficients, L x R fp64, with c_B·c_A = c_k for client k's columns.
 
-    ``split="sqrt"``: B side sign(c_k)√|c_k|, A side √|c_k|. ``split="left"`` / ``"right"``: the
-    whole c_k on that side and 1 on the other (the prescaled stacks of the stacked remainder put it
-    on the shorter side, so the longer one is copied without a scaling pass)."""
+    ``split="sqrt"``: B side sign(c_k)√|c_k|, A side √|c_k|. ``split="shorter"``: the whole c_k on
+    the shorter side (A when n ≤ m) and 1 on the other, so prescaled stacks copy the longer side
+    without a scaling pass."""
+    if split == "shorter":
+        split = "right" if layers[0].n <= layers[0].m else "left"
     rows = []
     for inp in layers:
         col = []
@@ -418,7 +420,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
     k_top = min(rank, R)
     extra = k_top if stacked_remainder else 0
     # stacked remainder: the stacks are X itself (prescaled), with each c_k on the shorter side only
-    split = ("right" if layers[0].n <= layers[0].m else "left") if stacked_remainder else "sqrt"
+    split = "shorter" if stacked_remainder else "sqrt"
     Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left", split), dtype, extra=extra,
                       prescale=stacked_remainder)
     As = StackedBatch(layers, "right", _column_coeffs(layers, "right", split), dtype, extra=extra,
@@ -495,7 +497,7 @@ def solve_randomized(inp: LayerInput, rank: int, *, dtype: torch.dtype = torch.f
     if K.select_backend(inp.device) == "torch":
         # stacks pre-scaled once, with spare room where the exact remainder's −US and Vᵀ go:
         # no second copy of the (large, R = Σ r_k) stacks
-        split = "right" if n <= m else "left"  # each c_k on the shorter side: no pass over the longer
+        split = "shorter"  # each c_k on the shorter side: no scaling pass over the longer
         Xb = StackedBatch([inp], "left", _column_coeffs([inp], "left", split), dtype, extra=k_top,
                           prescale=True, gram=False)
         Xa = StackedBatch([inp], "right", _column_coeffs([inp], "right", split), dtype, extra=k_top,
