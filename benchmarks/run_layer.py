@@ -171,8 +171,9 @@ def main(argv=None):
     rows = []
     if args.cases:
         import csv
-        with open(args.out + ".csv", newline="") as f:
-            rows = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        if os.path.exists(args.out + ".csv"):  # replace rows in place; else start a new table
+            with open(args.out + ".csv", newline="") as f:
+                rows = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
         for case in args.cases.split(","):
             shape, K, r = case.split(":")
             m, n = (int(x) for x in shape.lower().split("x"))
