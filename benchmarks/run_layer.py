@@ -98,15 +98,13 @@ def run_one(m, n, K, r, full_svd_rate, seed=0):
     return row
 
 
-#: the allocator policy the rows were measured under (``--malloc``)
-ALLOCATOR = "C library default"
-
-
 def markdown(rows, title):
     def f(x, fmt="{:.4f}"):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
-    out = [f"# {title}", "", f"Machine: {machine()}", "", f"Allocator: {ALLOCATOR}", "",
+    from fedmomentum_core.alloc import allocator_policy  # what --malloc applied, None if nothing
+    out = [f"# {title}", "", f"Machine: {machine()}", "",
+           f"Allocator: {allocator_policy() or 'C library default'}", "",
            "Seconds per layer (best of 10 for the floor and our solvers, of 3 for svd_lowrank, where short), fp32 compute. Ratios are measured in the same "
            "process, side by side. `—`: skipped (dense full SVD estimated > 60 s).", "",
            "`exact`: the default residual (the SVD tail, factored); `exact, stacked`: "
@@ -153,11 +151,9 @@ def main(argv=None):
                     help="allocator policy: the C library's default (the committed grid) or "
                          "fedmomentum.reuse_freed_memory(), what the fedmomentum CLI applies")
     args = ap.parse_args(argv)
-    global ALLOCATOR
     if args.malloc == "reuse":
-        from fedmomentum_core.alloc import allocator_policy, reuse_freed_memory
+        from fedmomentum_core.alloc import reuse_freed_memory
         reuse_freed_memory()
-        ALLOCATOR = allocator_policy()
     torch.manual_seed(0)
     # calibrate the full-SVD cost (seconds per m·n·min(m, n)) on 1024²
     x = torch.randn(1024, 1024)
