@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -143,6 +144,40 @@ def _gram_into(x: torch.Tensor, out: torch.Tensor) -> None:
     out[:h, h:].copy_(out[h:, :h].T)
 
 
+WORKSPACE = True
+#: largest stack kept between calls as scratch memory (per side, per thread): see :func:`_workspace`
+WORKSPACE_MAX_BYTES = 64 * 2 ** 20
+_WS = threading.local()
+
+
+def _workspace(side: str, numel: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """A flat CPU buffer of ``numel`` elements for one side's stacks, reused from call to call.
+
+    Used only where the stacks are scratch (nothing returned views them). A stack written into
+    memory fresh from the kernel pays a page fault per 4 KiB (on the 2-core VM, 0.3-0.8 ms per MB:
+    more than the copy itself); a buffer kept from the previous call is already mapped. At most
+    :data:`WORKSPACE_MAX_BYTES` per side and thread is kept; larger requests return None (the caller
+    allocates)."""
+    if device.type != "cpu":
+        return None
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes > WORKSPACE_MAX_BYTES:
+        return None
+    cache = getattr(_WS, "bufs", None)
+    if cache is None:
+        cache = _WS.bufs = {}
+    key = (side, dtype)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = cache[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def release_workspace() -> None:
+    """Free the scratch stacks this thread keeps between calls (see :func:`_workspace`)."""
+    _WS.bufs = {}
+
+
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
@@ -167,7 +202,7 @@ class StackedBatch:
     """
 
     def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
-                 extra: int = 0, prescale: bool = False, gram: bool = True):
+                 extra: int = 0, prescale: bool = False, gram: bool = True, scratch: bool = False):
         self.side, self.dtype = side, dtype
         self.layers = layers
         self.c = coeffs  # L x R, fp64
@@ -190,14 +225,16 @@ class StackedBatch:
             # 114 MB on the 2-core VM).
             cvals = coeffs.tolist() if prescale else None
             self.full, self.raw = [], []
+            per = self.rows * (self.R + extra)
+            flat = _workspace(side, len(layers) * per, dtype, self.device) if scratch else None
             self._G = torch.empty(len(layers), self.R, self.R, dtype=dtype, device=self.device) if gram else None
             for li, inp in enumerate(layers):
-                if side == "left":
-                    full = torch.empty(self.rows, self.R + extra, dtype=dtype, device=self.device)
-                    raw = full[:, :self.R]
+                shape = (self.rows, self.R + extra) if side == "left" else (self.R + extra, self.rows)
+                if flat is not None:
+                    full = flat[li * per:(li + 1) * per].view(shape)
                 else:
-                    full = torch.empty(self.R + extra, self.rows, dtype=dtype, device=self.device)
-                    raw = full[:self.R]
+                    full = torch.empty(shape, dtype=dtype, device=self.device)
+                raw = full[:, :self.R] if side == "left" else full[:self.R]
                 off = 0
                 for t in (inp.B if side == "left" else inp.A):
                     w = t.shape[1] if side == "left" else t.shape[0]
@@ -421,10 +458,11 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
     extra = k_top if stacked_remainder else 0
     # stacked remainder: the stacks are X itself (prescaled), with each c_k on the shorter side only
     split = "shorter" if stacked_remainder else "sqrt"
+    scratch = WORKSPACE and not stacked_remainder  # nothing returned views the stacks
     Bs = StackedBatch(layers, "left", _column_coeffs(layers, "left", split), dtype, extra=extra,
-                      prescale=stacked_remainder)
+                      prescale=stacked_remainder, scratch=scratch)
     As = StackedBatch(layers, "right", _column_coeffs(layers, "right", split), dtype, extra=extra,
-                      prescale=stacked_remainder)
+                      prescale=stacked_remainder, scratch=scratch)
     GB, GA = Bs.gram(), As.gram()
     if check_finite:
         _finite_from_grams(layers, GB, GA)

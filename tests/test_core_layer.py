@@ -325,3 +325,57 @@ def test_batched_fallbacks_stay_per_layer():
         assert rel_err(g.U.double() @ g.SV.double().T, ref) < 2e-6  # U·(σV)ᵀ rebuilds ΔW
         one = solve_exact_batch([inp], 4, need_tail=True)[0]
         assert torch.allclose(g.S, one.S, rtol=1e-5, atol=1e-6 * float(one.S[0]))
+
+
+def test_scratch_stacks_are_never_returned():
+    """The factored path stacks into a buffer reused from call to call (solvers._workspace): a
+    later call, of the same or another shape, must leave every earlier result intact."""
+    from fedmomentum_core import solvers
+    assert solvers.WORKSPACE
+    first = make_clients(96, 80, [4, 6, 5], seed=11)
+    second = make_clients(96, 80, [4, 6, 5], seed=12)
+    third = make_clients(120, 64, [8, 8], seed=13)
+    res = fm.aggregate_lora(*first, rank=4)
+    kept = {name: t.clone() for name, t in (("B", res.B), ("A", res.A), ("left", res.residual.left),
+                                             ("right", res.residual.right))}
+    fm.aggregate_lora(*second, rank=4)
+    fm.aggregate_lora(*third, rank=8)
+    for name, t in (("B", res.B), ("A", res.A), ("left", res.residual.left), ("right", res.residual.right)):
+        assert torch.equal(t, kept[name]), name
+    ref = reference_delta(*first)
+    got = res.B.double() @ res.A.double() + res.residual.to_dense().double()
+    assert rel_err(got, ref) < 1e-5
+    # the buffer is reused: the second call's stacks sit where the first call's did
+    key = ("left", torch.float32)
+    buf = solvers._WS.bufs[key]
+    fm.aggregate_lora(*second, rank=4)
+    assert solvers._WS.bufs[key].data_ptr() == buf.data_ptr()
+    solvers.release_workspace()
+    assert not solvers._WS.bufs
+
+
+def test_scratch_stacks_are_per_thread():
+    """Two threads aggregating at once each get their own scratch stacks and exact results."""
+    import threading
+    cases = [make_clients(256, 192, [8] * 5, seed=20 + i) for i in range(2)]
+    refs = [reference_delta(*c) for c in cases]
+    errs, fails = [None, None], []
+
+    def work(i):
+        try:
+            worst = 0.0
+            for _ in range(15):
+                r = fm.aggregate_lora(*cases[i], rank=8)
+                got = r.B.double() @ r.A.double() + r.residual.to_dense().double()
+                worst = max(worst, rel_err(got, refs[i]))
+            errs[i] = worst
+        except Exception as e:  # reported below, not swallowed
+            fails.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not fails, fails
+    assert all(e is not None and e < 1e-5 for e in errs), errs
