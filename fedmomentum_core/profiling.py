@@ -514,7 +514,7 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
         if c not in BASELINES:
             raise ValueError(f"unknown baseline {c!r}; choose from {list(BASELINES)}")
     budget = parse_memory(max_memory)
-    itemsize = torch.empty(0, dtype=tdtype).element_size()
+    itemsize = tdtype.itemsize
     ranks = [rank] * clients
     R = rank * clients
     out_rank = min(rank, min(min(t.m, t.n) for t in shapes.layer_modules(0)))

@@ -144,6 +144,7 @@ def _gram_into(x: torch.Tensor, out: torch.Tensor) -> None:
     out[:h, h:].copy_(out[h:, :h].T)
 
 
+#: keep scratch stacks between calls (:func:`_workspace`); False allocates them per call
 WORKSPACE = True
 #: largest stack kept between calls as scratch memory (per side, per thread): see :func:`_workspace`
 WORKSPACE_MAX_BYTES = 64 * 2 ** 20
@@ -160,7 +161,7 @@ def _workspace(side: str, numel: int, dtype: torch.dtype, device: torch.device) 
     allocates)."""
     if device.type != "cpu":
         return None
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes > WORKSPACE_MAX_BYTES:
         return None
     cache = getattr(_WS, "bufs", None)
@@ -198,7 +199,8 @@ class StackedBatch:
     that many spare columns (left) / rows (right) after the R stacked ones in ``full``, where the
     remainder's −US / Vᵀ are written in place. ``gram=True`` (torch backend) forms each layer's
     R x R Gram right after its stack, while that stack is still in cache (:meth:`gram` returns them);
-    the randomized solver, which needs no Gram, passes False.
+    the randomized solver, which needs no Gram, passes False. ``scratch=True`` (only where nothing
+    returned views the stacks) carves them from the per-thread buffer of :func:`_workspace`.
     """
 
     def __init__(self, layers: list[LayerInput], side: str, coeffs: torch.Tensor, dtype: torch.dtype,
