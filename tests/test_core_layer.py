@@ -327,6 +327,49 @@ def test_batched_fallbacks_stay_per_layer():
         assert torch.allclose(g.S, one.S, rtol=1e-5, atol=1e-6 * float(one.S[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need_tail", [True, False])
+def test_one_pass_core_matches_general_path(monkeypatch, dtype, need_tail):
+    """The one-pass R x R stage (solvers._fast_core: both sides' equilibrated Cholesky in one batch,
+    coefficients folded into the small matrices, triangular solve instead of an inverse) gives the
+    general path's singular values and subspaces, and U·(σV)ᵀ rebuilds the fp64 ΔW, with
+    heterogeneous ranks, a negative scaling and several layers in one batch."""
+    from fedmomentum_core import solvers
+    from fedmomentum_core.validate import validate_layer
+    ranks = [3, 5, 2, 4]
+    layers = [make_clients(70, 50, ranks, seed=200 + i) for i in range(3)]
+    scal = [0.5, -1.5, 2.0, 1.0]
+    inps = [validate_layer(B, A, [1, 2, 3, 4], scalings=scal, out_scaling=1.0) for B, A in layers]
+    fast = solvers.solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail)
+    assert all(f.info["basis"] == ("cholesky", "cholesky") for f in fast)
+    calls = []
+    real = solvers._fast_core
+    monkeypatch.setattr(solvers, "_fast_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(solvers, "FAST_CORE", False)
+    slow = solvers.solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail)
+    assert calls == []  # FAST_CORE=False really took the general path
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for (B, A), f, g in zip(layers, fast, slow):
+        ref = reference_delta(B, A, [1, 2, 3, 4], scal)
+        sv = torch.linalg.svdvals(ref)
+        k = f.U.shape[1]
+        assert k == (sum(ranks) if need_tail else 4)
+        assert torch.allclose(f.S.double(), sv[:f.S.numel()], rtol=0, atol=tol * float(sv[0]))
+        assert torch.allclose(f.S.double(), g.S.double(), rtol=0, atol=tol * float(sv[0]))
+        # top-4 subspace (σ4/σ5 gap checked) agrees between the two paths
+        if float(sv[3] / sv[4]) > 1.1:
+            Pf = f.U[:, :4].double() @ f.U[:, :4].double().T
+            Pg = g.U[:, :4].double() @ g.U[:, :4].double().T
+            assert float((Pf - Pg).norm()) < 100 * tol
+            top_f = f.U[:, :4].double() @ torch.diag(f.S[:4].double()) @ f.V[:, :4].double().T
+            top_g = g.U[:, :4].double() @ torch.diag(g.S[:4].double()) @ g.V[:, :4].double().T
+            assert rel_err(top_f, top_g) < 100 * tol
+        if need_tail:
+            assert rel_err(f.U.double() @ f.SV.double().T, ref) < 10 * tol
+            eye = torch.eye(k, dtype=torch.float64)
+            assert float((f.U.double().T @ f.U.double() - eye).abs().max()) < 10 * tol
+
+
 def test_scratch_stacks_are_never_returned():
     """The factored path stacks into a buffer reused from call to call (solvers._workspace): a
     later call, of the same or another shape, must leave every earlier result intact."""
