@@ -52,6 +52,30 @@ def timeit(fn: Callable, *, repeat: int = 3, warmup: bool = True, budget_s: floa
     return best, out
 
 
+def timeit_interleaved(fns: dict, *, repeat: int = 30, budget_s: float = 30.0) -> dict:
+    """Best wall time of several routes timed in alternating rounds (route 1, route 2, ..., then
+    again), so that a slow spell of a noisy machine hits every route alike and their ratios are
+    measured side by side. Each route's last result stays alive until its next call (as in
+    :func:`timeit`: a result is never freed inside a timed region). After one warm-up run each,
+    as many rounds as fit in ``budget_s`` (at least 1, at most ``repeat``). Returns
+    ``{name: (seconds, last result, rounds)}``."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    best, outs = {}, {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        outs[name] = fn()
+        sync()
+        best[name] = time.perf_counter() - t0
+    rounds = max(1, min(repeat, int(budget_s / max(sum(best.values()), 1e-9))))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: (best[name], outs[name], rounds) for name in fns}
+
+
 def sampled_rel_err(get_block: Callable, ref_block: Callable, m: int, n: int, k: int = 512, seed: int = 0):
     """‖X − ΔW‖_F / ‖ΔW‖_F estimated on a random k x k block of rows/cols (unbiased for the ratio of
     squared norms). ``get_block(rows, cols)`` and ``ref_block(rows, cols)`` return fp64 blocks."""

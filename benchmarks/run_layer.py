@@ -5,7 +5,7 @@ Writes benchmarks/results/layer_cpu.csv and layer_cpu.md (relative to the repo r
     python benchmarks/run_layer.py                 # the full grid of the issue (~15-25 min on 2 cores)
     python benchmarks/run_layer.py --quick         # 1024² and 4096², K=10, r=16
 
-Columns (seconds, best of 10 for the floor and our solvers, best of 3 for svd_lowrank, where a run is short): our solvers exact / randomized / dense, the
+Columns (seconds, best of up to 30 alternating rounds (column ``rounds``) for the floor and our exact/randomized routes, best of 3 for svd_lowrank, where a run is short): our solvers exact / randomized / dense, the
 floor (the two Gram GEMMs B_catᵀB_cat and A_cat A_catᵀ on pre-stacked fp32 factors), PEFT-style
 dense sum + torch.linalg.svd (skipped where the estimate says > 60 s), and the paper's route
 dense sum + torch.svd_lowrank(q=r+10, niter=2). Errors are relative Frobenius errors against an
@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, sampled_rel_err, timeit, write_csv  # noqa: E402
+from common import machine, sampled_rel_err, timeit, timeit_interleaved, write_csv  # noqa: E402
 
 import fedmomentum as fm  # noqa: E402
 from fedmomentum.cli_demo import synthetic_round  # noqa: E402
@@ -34,9 +34,11 @@ SHAPES = [(1024, 1024), (4096, 4096), (8192, 8192), (8192, 28672)]
 CLIENTS = [4, 10, 50]
 RANKS = [8, 16, 64]
 FULL_SVD_LIMIT_S = 60.0
-#: best of this many runs for the fast routes (floor, our solvers); the VM is noisy, so a best-of-3
-#: minimum moved by 1.5x between runs (a run longer than 2 s is timed once: see common.timeit)
-REPEAT = 10
+#: the fast routes (floor, exact, randomized, exact+stacked) are timed in alternating rounds, as many
+#: as fit in ROUNDS_BUDGET_S, at most REPEAT, best of them: the VM is noisy (a best-of-3 minimum
+#: moved by 1.5x between runs; slow spells last seconds), so more rounds find its quiet moments
+REPEAT = 30
+ROUNDS_BUDGET_S = 30.0
 
 
 def run_one(m, n, K, r, full_svd_rate, seed=0):
@@ -49,34 +51,38 @@ def run_one(m, n, K, r, full_svd_rate, seed=0):
         return sum(pk * s * (b[rows].double() @ a[:, cols].double()) for pk, b, a in zip(p, B, A))
 
     row = {"m": m, "n": n, "K": K, "r": r, "R": K * r}
-    # the floor: two Gram GEMMs on pre-stacked fp32 factors
+    # the floor (two Gram GEMMs on pre-stacked fp32 factors) and our fast routes, timed in
+    # alternating rounds so that the machine's slow spells hit them alike (common.timeit_interleaved)
     Bc, Ac = stacked_factors(inp)
-    row["gram_floor_s"], _ = timeit(lambda: (Bc.T @ Bc, Ac @ Ac.T), repeat=REPEAT)
-    del Bc, Ac
-    for solver in ("exact", "randomized", "dense"):
-        est_dense = full_svd_rate * m * n * min(m, n)
-        if solver == "dense" and est_dense > FULL_SVD_LIMIT_S:
-            row["dense_s"] = float("nan")
+    fast = {"gram_floor": lambda: (Bc.T @ Bc, Ac @ Ac.T)}
+    for solver in ("exact", "randomized"):
+        fast[solver] = (lambda sv: lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver=sv))(solver)
+    # exact with residual="stacked": the remainder [X_B | −UΣ][X_Aᵀ; Vᵀ], no tail products
+    fast["exact_stacked"] = lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver="exact",
+                                                      residual="stacked")
+    timed = timeit_interleaved(fast, repeat=REPEAT, budget_s=ROUNDS_BUDGET_S)
+    del Bc, Ac, fast
+    row["gram_floor_s"], _, row["rounds"] = timed.pop("gram_floor")
+    est_dense = full_svd_rate * m * n * min(m, n)
+    if est_dense > FULL_SVD_LIMIT_S:
+        row["dense_s"] = float("nan")
+    else:
+        timed["dense"] = timeit(lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver="dense"), repeat=1) + (1,)
+    for solver in ("exact", "randomized", "dense", "exact_stacked"):
+        if solver not in timed:
             continue
-        t, res = timeit(lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver=solver),
-                        repeat=REPEAT if solver != "dense" else 1)
+        t, res, _ = timed.pop(solver)
         row[f"{solver}_s"] = t
         row[f"{solver}_inv_err"] = sampled_rel_err(
             lambda rr, cc: s * (res.B[rr].double() @ res.A[:, cc].double())
             + res.residual.left[rr].double() @ res.residual.right[:, cc].double(), ref_block, m, n)
+        if solver == "exact_stacked":
+            continue
         row[f"{solver}_topr_err"] = sampled_rel_err(
             lambda rr, cc: s * (res.B[rr].double() @ res.A[:, cc].double()), ref_block, m, n)
         if solver == "exact":
             row["optimal_topr_err"] = math.sqrt(max(0.0, 1 - res.energy_kept))
         del res
-    # exact with residual="stacked": the remainder [X_B | −UΣ][X_Aᵀ; Vᵀ], no tail products
-    t, res = timeit(lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver="exact",
-                                              residual="stacked"), repeat=REPEAT)
-    row["exact_stacked_s"] = t
-    row["exact_stacked_inv_err"] = sampled_rel_err(
-        lambda rr, cc: s * (res.B[rr].double() @ res.A[:, cc].double())
-        + res.residual.left[rr].double() @ res.residual.right[:, cc].double(), ref_block, m, n)
-    del res
     est = full_svd_rate * m * n * min(m, n)
     if est <= FULL_SVD_LIMIT_S:
         t, (U, S, V) = timeit(lambda: dense_full_svd(inp, r), repeat=1)
@@ -105,7 +111,8 @@ def markdown(rows, title):
     from fedmomentum_core.alloc import allocator_policy  # what --malloc applied, None if nothing
     out = [f"# {title}", "", f"Machine: {machine()}", "",
            f"Allocator: {allocator_policy() or 'C library default'}", "",
-           "Seconds per layer (best of 10 for the floor and our solvers, of 3 for svd_lowrank, where short), fp32 compute. Ratios are measured in the same "
+           "Seconds per layer (best of up to 30 alternating rounds for the floor and our exact/randomized routes, so that slow "
+           "spells of the machine hit them alike; of 3 for svd_lowrank, where short), fp32 compute. Ratios are measured in the same "
            "process, side by side. `—`: skipped (dense full SVD estimated > 60 s).", "",
            "`exact`: the default residual (the SVD tail, factored); `exact, stacked`: "
            "`residual=\"stacked\"` (the exact remainder [B_cat | −UΣ]·[A_cat; Vᵀ], no tail products). "

@@ -563,25 +563,29 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         U = bb.apply(Bs, Uc)  # L tensors m x k
     S = torch.sqrt(lam)  # L x R descending
     inplace = stacked_remainder and Bs.full is not None and As.full is not None  # stacks pre-scaled
+    # batched over layers: 1/σ for the top rows (0 where σ = 0), S and −S in the compute dtype,
+    # the total energies (one host sync)
+    top = S[:, :k_top]
+    pos = top > 0
+    inv = torch.where(pos, torch.reciprocal(torch.where(pos, top, torch.ones_like(top))),
+                      torch.zeros_like(top)).to(dtype)
+    S_out = S.to(dtype)
+    energies = lam.sum(dim=1).tolist()
     out = []
     for li in range(len(layers)):
-        s = S[li]
-        inv = torch.where(s[:k] > 0, 1.0 / torch.where(s[:k] > 0, s[:k], torch.ones_like(s[:k])),
-                          torch.zeros_like(s[:k]))
         rem = None
         if stacked_remainder and inplace:  # −US and Vᵀ written straight into the spare columns/rows
             left, right = Bs.full[li], As.full[li]
-            torch.mul(U[li], (-s[:k]).to(dtype)[None, :], out=left[:, R:])
-            Vt = torch.mul(SVt[li][:k_top], inv[:k_top].to(dtype)[:, None], out=right[R:])
+            torch.mul(U[li], -S_out[li, None, :k], out=left[:, R:])
+            Vt = torch.mul(SVt[li][:k_top], inv[li][:, None], out=right[R:])
             rem = LowRank(left, right)
         else:
-            Vt = SVt[li][:k_top] * inv[:k_top].to(dtype)[:, None]  # top rows only: the tail keeps σv
+            Vt = SVt[li][:k_top] * inv[li][:, None]  # top rows only: the tail keeps σv
             if stacked_remainder:
-                US = U[li] * (-s[:k]).to(dtype)[None, :]
+                US = U[li] * -S_out[li, None, :k]
                 rem = LowRank(torch.cat([Bs.tall_dense(li), US], 1),
                               torch.cat([As.tall_dense(li).T, Vt], 0))
-        V = Vt.T
-        out.append(SVDFactors(U=U[li], S=s.to(dtype), V=V, total_energy=float(lam[li].sum()),
+        out.append(SVDFactors(U=U[li], S=S_out[li], V=Vt.T, total_energy=energies[li],
                               solver="exact", remainder=rem, SV=None if stacked_remainder else SVt[li].T,
                               info={"basis": methods[li]}))
     return out
