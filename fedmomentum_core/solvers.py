@@ -4,12 +4,13 @@ Every solver returns :class:`~fedmomentum_core.types.SVDFactors` in the compute 
 ``U`` (m x k, orthonormal columns), ``S`` (k, descending), ``V`` (n x k), the total
 energy ‖ΔW‖²_F, and, when the factors do not hold all of ΔW, the exact remainder.
 
-* :func:`solve_exact`: Grams of the stacked factors (R x R), eigen-decomposed after a
-  Jacobi (diagonal) equilibration; ``X = Q L`` with ``Q = X D⁻¹ V Λ^{-½}`` kept implicit.
-  Fallback: when the equilibrated Gram has λ_min/λ_max below ``gram_tol`` (clients that share
-  an A initialisation, near-duplicate clients, R > m), that side is factored with Householder
-  QR instead (``torch.linalg.qr``, stable for any conditioning). Then the R x R core
-  ``L_B L_Aᵀ = U_c Σ V_cᵀ`` gives ``U = Q_B U_c``, ``V = Q_A V_c``.
+* :func:`solve_exact`: Grams of the stacked factors (R x R), Jacobi (diagonal) equilibrated and
+  Cholesky-factored, ``X = Q L`` with Q kept implicit; for well-conditioned layers both sides go
+  through one batched pass (:func:`_fast_core`). Fallback: when the equilibrated Gram's Cholesky
+  fails or estimates 1/κ below ``gram_tol`` (clients that share an A initialisation,
+  near-duplicate clients, R > m), that side is factored with Householder QR instead
+  (``torch.linalg.qr``, stable for any conditioning). Then the R x R core
+  ``C = L_B L_Aᵀ = U_c Σ V_cᵀ`` (``eigh(C Cᵀ)`` in fp64) gives ``U = Q_B U_c``, ``V = Q_A V_c``.
   Cost O((m+n)R² + R³); never allocates m x n.
 * :func:`solve_randomized`: range finder on ΔW·Ω = B_cat (A_cat Ω) with oversampling and
   power iterations (Halko, Martinsson & Tropp 2011), never forming ΔW; returns the top r and
