@@ -66,6 +66,7 @@ import torch
 from . import profiling as _profiling
 from .methods import METHODS, aggregate_layer
 from .planner import choose_solver
+from .solvers import release_workspace as _release_workspace
 from .types import LowRank
 
 __all__ = [
@@ -673,6 +674,8 @@ def run_plan(plan: ModelPlan, load_factors: FactorLoader, load_other: Optional[T
                 _attach_profile(res.report, B[0].element_size() if len(B) else 4, pm.delta_bytes,
                                 residual == "factored")
             del B, A
+            if max_memory is not None:  # a kept scratch buffer is not in the next module's estimate
+                _release_workspace()
             state.update(res.tensors)
             if res.residual is not None and keep_residuals:
                 residuals[spec.name] = res.residual

@@ -38,6 +38,7 @@ import torch
 
 from .planner import choose_solver
 from .shapes import ModelShapes, ModuleShape, model_shapes
+from .solvers import release_workspace as _release_workspace
 
 __all__ = [
     "solver_flops", "solver_bytes", "baseline_flops", "baseline_bytes", "module_memory_bytes",
@@ -580,6 +581,8 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
                     if bar is not None:
                         bar.update(len(g))
                 del pairs
+                if budget is not None:  # a kept scratch buffer is not in the next chunk's estimate
+                    _release_workspace()
             peak_round = max(peak_round, pm.peak_bytes)
             for i, t in enumerate(chunk):
                 r_ = results[i]

@@ -398,3 +398,39 @@ def test_aggregate_adapters_budget_honoured_by_rss(tmp_path):
     inputs = sum((d / "adapter_model.safetensors").stat().st_size for d in dirs)
     assert growth <= budget
     assert growth > 0.1 * inputs  # the measurement sees the work (it is not trivially zero)
+
+
+@pytest.mark.parametrize("budget", [None, "1GB"])
+def test_budget_frees_scratch_stacks_between_modules(tmp_path, budget):
+    """Under max_memory the exact solver's per-thread scratch stacks (kept between calls, not in the
+    next module's estimate) are freed after every module; without a budget they are kept for reuse."""
+    from fedmomentum.peft import aggregate_adapters
+    from fedmomentum_core import solvers
+    shapes = {f"model.layers.{i}.mlp.up_proj": (512, 256) for i in range(2)}
+    dirs = _write_adapters(tmp_path, 3, shapes, 8)
+    solvers.release_workspace()
+    seen = []
+    real = solvers._workspace
+    try:
+        solvers._workspace = lambda *a, **k: seen.append(1) or real(*a, **k)
+        aggregate_adapters(dirs, tmp_path / "out", max_memory=budget, solver="exact")
+    finally:
+        solvers._workspace = real
+    assert seen  # the factored path did use the scratch buffer
+    kept = sum(b.numel() for b in getattr(solvers._WS, "bufs", {}).values())
+    if budget is None:
+        assert kept >= (512 + 256) * 24  # both sides' stacks (R = 24) stay for the next call
+    else:
+        assert kept == 0
+    solvers.release_workspace()
+
+
+def test_profile_round_budget_frees_scratch_stacks():
+    """profile_round under max_memory frees the scratch stacks after each chunk (same rule as above)."""
+    from fedmomentum_core import solvers
+    solvers.release_workspace()
+    profile_round(TINY, 3, 4, max_memory="1GB", progress=False, solver="exact", residual="factored")
+    assert sum(b.numel() for b in getattr(solvers._WS, "bufs", {}).values()) == 0
+    profile_round(TINY, 3, 4, progress=False, solver="exact", residual="factored")
+    assert sum(b.numel() for b in getattr(solvers._WS, "bufs", {}).values()) > 0
+    solvers.release_workspace()
