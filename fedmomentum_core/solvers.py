@@ -274,23 +274,18 @@ class StackedBatch:
 
     def raw_gram(self) -> torch.Tensor:
         """L x R x R Gram of the stacks as stored (coefficients not applied), compute dtype."""
-        if self.raw is not None:
+        if self.raw is not None:  # formed with the stacks (2-D GEMMs: faster than bmm on CPU)
             if self._G is None:
                 raise RuntimeError("StackedBatch was built with gram=False")
             return self._G
         ones = [[1.0] * inp.K for inp in self.layers]
         return K.batched_stacked_gram(self._lists(), ones, self.side, self.dtype)
 
-    def gram(self) -> torch.Tensor:
-        """L x R x R Gram of the weighted stack, fp64."""
-        if self.raw is not None:  # formed with the stacks (2-D GEMMs: faster than bmm on CPU)
-            if self._G is None:
-                raise RuntimeError("StackedBatch was built with gram=False")
-            G = self._G.to(torch.float64)
-            return G if self.unit else G * self.c[:, :, None] * self.c[:, None, :]
-        ones = [[1.0] * inp.K for inp in self.layers]
-        G = K.batched_stacked_gram(self._lists(), ones, self.side, self.dtype).to(torch.float64)
-        return G * self.c[:, :, None] * self.c[:, None, :]
+    def gram(self, raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L x R x R Gram of the weighted stack, fp64: :meth:`raw_gram` (or ``raw``, that Gram
+        already formed) with the column coefficients applied."""
+        G = (self.raw_gram() if raw is None else raw).to(torch.float64)
+        return G if self.unit else G * self.c[:, :, None] * self.c[:, None, :]
 
     def tall_apply(self, mat: torch.Tensor, transposed: bool = False, coeffs: bool = True) -> list[torch.Tensor]:
         """X_l @ mat_l for every layer (mat: L x R x k, fp64) -> L tensors rows x k, compute dtype.
@@ -447,6 +442,14 @@ def _basis_from_gram(st: StackedBatch, G: torch.Tensor, gram_tol: float, need_q:
     return _BatchBasis(L=Lmat, T=T, Q=Qs, methods=methods)
 
 
+def _core_eigh(C: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh(C Cᵀ)`` of the L x R x R cores: eigenvalues σ² (L x R, descending, clamped at 0) and
+    the top k eigenvectors (L x R x k, descending)."""
+    lam, W = torch.linalg.eigh(C @ C.transpose(-2, -1))
+    lam = torch.flip(lam, dims=[-1]).clamp_min(0.0)
+    return lam, torch.flip(W[..., W.shape[-1] - k:], dims=[-1])
+
+
 @dataclass
 class _Core:
     """The R x R stage's result for L layers (see :func:`_fast_core`)."""
@@ -470,8 +473,8 @@ def _fast_core(Bs: StackedBatch, As: StackedBatch, G32: torch.Tensor, k: int,
     ``U = Q_B W = X_raw,B (D_B⁻¹ Rx_B⁻¹ W)`` (a triangular solve, no explicit inverse) and
     ``S Vᵀ = Wᵀ L_B X_Aᵀ = (diag(c_A) L_Bᵀ W)ᵀ X_raw,A``: the coefficients never touch the stacks.
     Both sides share every small op (one cast, one equilibration, one batched Cholesky, one
-    host sync): on the 2-core CPU the R x R stage of a 4096², R = 160 layer went from 3.4 to ~2 ms,
-    most of what is left being the fp64 ``eigh``."""
+    host sync): on the 2-core CPU the R x R stage of a 4096², R = 160 layer went from 3.3-3.8 to
+    2.3-2.5 ms, most of what is left being the fp64 ``eigh`` (~1.4 ms)."""
     G = G32.to(torch.float64)
     d = torch.sqrt(torch.diagonal(G, dim1=-2, dim2=-1))  # 2 x L x R; 0 or NaN → fails below
     dinv = torch.reciprocal(d)
@@ -483,10 +486,7 @@ def _fast_core(Bs: StackedBatch, As: StackedBatch, G32: torch.Tensor, k: int,
     Rx = Lc.transpose(-2, -1)  # upper, 2 x L x R x R
     col = d * torch.stack((Bs.c, As.c))  # 2 x L x R: L = Rx diag(d·c)
     LB = Rx[0] * col[0][:, None, :]
-    C = LB @ (Rx[1] * col[1][:, None, :]).transpose(-2, -1)
-    lam, W = torch.linalg.eigh(C @ C.transpose(-2, -1))
-    lam = torch.flip(lam, dims=[-1]).clamp_min(0.0)
-    Uc = torch.flip(W[..., W.shape[-1] - k:], dims=[-1])  # top k eigenvectors, descending
+    lam, Uc = _core_eigh(LB @ (Rx[1] * col[1][:, None, :]).transpose(-2, -1), k)
     mat_B = torch.linalg.solve_triangular(Rx[0], Uc, upper=True) * dinv[0][:, :, None]
     mat_A = (LB.transpose(-2, -1) @ Uc) * As.c[:, :, None]
     return _Core(lam=lam, Uc=Uc, mat_B=mat_B, mat_A=mat_A)
@@ -546,7 +546,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
         SVt = As.tall_apply(core.mat_A, transposed=True, coeffs=False)  # L tensors k x n, rows σ_i v_iᵀ
         U = Bs.tall_apply(core.mat_B, coeffs=False)  # L tensors m x k
     else:  # general path: zero columns, non-finite Grams, ill-conditioned sides (QR fallback)
-        GB, GA = Bs.gram(), As.gram()
+        GB, GA = Bs.gram(G32[0]), As.gram(G32[1])  # the raw Grams above, not formed again
         if check_finite:
             _finite_from_grams(layers, GB, GA)
         with _small_ops(R):
@@ -554,10 +554,7 @@ def solve_exact_batch(layers: list[LayerInput], rank: int, *, dtype: torch.dtype
             ba = _basis_from_gram(As, GA, gram_tol, need_q=False)  # L_A only: accurate small σ when X_A is ill-conditioned
         with _small_ops(R):
             Lt = bb.L.transpose(1, 2)
-            C = bb.L @ ba.L.transpose(1, 2)  # L x R x R
-            lam, W = torch.linalg.eigh(C @ C.transpose(1, 2))
-            lam = torch.flip(lam, dims=[1]).clamp_min(0.0)
-            Uc = torch.flip(W[:, :, W.shape[2] - k:], dims=[2])  # top k eigenvectors, descending
+            lam, Uc = _core_eigh(bb.L @ ba.L.transpose(1, 2), k)
             LtU = Lt @ Uc
         methods = list(zip(bb.methods, ba.methods))
         SVt = As.tall_apply(LtU, transposed=True)  # L tensors k x n, rows σ_i v_iᵀ (row-major: residual rights)
