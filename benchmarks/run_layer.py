@@ -15,6 +15,7 @@ residual vs ΔW) and ``topr_err`` (‖ΔW − rank-r part‖ / ‖ΔW‖; the op
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -54,24 +55,25 @@ def run_one(m, n, K, r, full_svd_rate, seed=0):
     # the floor (two Gram GEMMs on pre-stacked fp32 factors) and our fast routes, timed in
     # alternating rounds so that the machine's slow spells hit them alike (common.timeit_interleaved)
     Bc, Ac = stacked_factors(inp)
-    fast = {"gram_floor": lambda: (Bc.T @ Bc, Ac @ Ac.T)}
-    for solver in ("exact", "randomized"):
-        fast[solver] = (lambda sv: lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver=sv))(solver)
-    # exact with residual="stacked": the remainder [X_B | −UΣ][X_Aᵀ; Vᵀ], no tail products
-    fast["exact_stacked"] = lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver="exact",
-                                                      residual="stacked")
+    ours = functools.partial(fm.aggregate_lora, B, A, w, scalings=s, rank=r)
+    fast = {"gram_floor": lambda: (Bc.T @ Bc, Ac @ Ac.T),
+            "exact": functools.partial(ours, solver="exact"),
+            "randomized": functools.partial(ours, solver="randomized"),
+            # exact with residual="stacked": the remainder [X_B | −UΣ][X_Aᵀ; Vᵀ], no tail products
+            "exact_stacked": functools.partial(ours, solver="exact", residual="stacked")}
     timed = timeit_interleaved(fast, repeat=REPEAT, budget_s=ROUNDS_BUDGET_S)
     del Bc, Ac, fast
     row["gram_floor_s"], _, row["rounds"] = timed.pop("gram_floor")
-    est_dense = full_svd_rate * m * n * min(m, n)
-    if est_dense > FULL_SVD_LIMIT_S:
+    timed = {name: (t, res) for name, (t, res, _) in timed.items()}
+    est = full_svd_rate * m * n * min(m, n)  # estimated dense full-SVD seconds
+    if est > FULL_SVD_LIMIT_S:
         row["dense_s"] = float("nan")
     else:
-        timed["dense"] = timeit(lambda: fm.aggregate_lora(B, A, w, scalings=s, rank=r, solver="dense"), repeat=1) + (1,)
+        timed["dense"] = timeit(functools.partial(ours, solver="dense"), repeat=1)
     for solver in ("exact", "randomized", "dense", "exact_stacked"):
         if solver not in timed:
             continue
-        t, res, _ = timed.pop(solver)
+        t, res = timed.pop(solver)
         row[f"{solver}_s"] = t
         row[f"{solver}_inv_err"] = sampled_rel_err(
             lambda rr, cc: s * (res.B[rr].double() @ res.A[:, cc].double())
@@ -83,7 +85,6 @@ def run_one(m, n, K, r, full_svd_rate, seed=0):
         if solver == "exact":
             row["optimal_topr_err"] = math.sqrt(max(0.0, 1 - res.energy_kept))
         del res
-    est = full_svd_rate * m * n * min(m, n)
     if est <= FULL_SVD_LIMIT_S:
         t, (U, S, V) = timeit(lambda: dense_full_svd(inp, r), repeat=1)
         row["peft_dense_svd_s"] = t
