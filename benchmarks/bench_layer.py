@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import fedmomentum as fm
-from fedmomentum.cli_demo import synthetic_round
+from fedmomentum.cli.demo import synthetic_round
 from fedmomentum_core.baselines import dense_full_svd, dense_svd_lowrank
 from fedmomentum_core.validate import validate_layer
 

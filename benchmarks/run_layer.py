@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, sampled_rel_err, timeit, timeit_interleaved, write_csv  # noqa: E402
 
 import fedmomentum as fm  # noqa: E402
-from fedmomentum.cli_demo import synthetic_round  # noqa: E402
+from fedmomentum.cli.demo import synthetic_round  # noqa: E402
 from fedmomentum_core.baselines import dense_full_svd, dense_svd_lowrank, stacked_factors  # noqa: E402
 from fedmomentum_core.validate import validate_layer  # noqa: E402
 
@@ -109,7 +109,7 @@ def markdown(rows, title):
     def f(x, fmt="{:.4f}"):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
-    from fedmomentum_core.alloc import allocator_policy  # what --malloc applied, None if nothing
+    from fedmomentum.cli.alloc import allocator_policy  # what --malloc applied, None if nothing
     out = [f"# {title}", "", f"Machine: {machine()}", "",
            f"Allocator: {allocator_policy() or 'C library default'}", "",
            "Seconds per layer (best of up to 30 alternating rounds for the floor and our exact/randomized routes, so that slow "
@@ -160,7 +160,7 @@ def main(argv=None):
                          "fedmomentum.reuse_freed_memory(), what the fedmomentum CLI applies")
     args = ap.parse_args(argv)
     if args.malloc == "reuse":
-        from fedmomentum_core.alloc import reuse_freed_memory
+        from fedmomentum.cli.alloc import reuse_freed_memory
         reuse_freed_memory()
     torch.manual_seed(0)
     # calibrate the full-SVD cost (seconds per m·n·min(m, n)) on 1024²

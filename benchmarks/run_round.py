@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                          progress=True)
         reports["round_default_malloc"] = {kk: v for kk, v in s_rep.items() if kk != "modules"}
     if args.malloc == "reuse":
-        from fedmomentum_core.alloc import allocator_policy, reuse_freed_memory
+        from fedmomentum.cli.alloc import allocator_policy, reuse_freed_memory
         reuse_freed_memory()
         machine["malloc"] = allocator_policy()
         print(f"allocator: {machine['malloc']}", flush=True)

@@ -1,4 +1,4 @@
-"""The CLI's allocator policy (fedmomentum_core.alloc): freed round buffers stay with the process
+"""The CLI's allocator policy (fedmomentum.cli.alloc): freed round buffers stay with the process
 instead of going back to the kernel. Checked in subprocesses, since the policy is process-wide."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from fedmomentum_core.alloc import cli_allocator_setup, reuse_freed_memory
+from fedmomentum.cli.alloc import cli_allocator_setup, reuse_freed_memory
 
 _PROBE = r"""
 import json, sys
 import torch
-from fedmomentum_core.alloc import reuse_freed_memory, allocator_policy
+from fedmomentum.cli.alloc import reuse_freed_memory, allocator_policy
 from fedmomentum_core.profiling import current_rss_bytes
 applied = reuse_freed_memory("1GiB") if sys.argv[1] == "reuse" else False
 n = 20 * 2 ** 20 // 4            # a 20 MiB buffer: a Llama-70B gate module's stack
@@ -66,7 +66,7 @@ def test_bad_settings_are_refused(monkeypatch):
 _CLI = r"""
 import json, sys
 from fedmomentum.cli import main
-from fedmomentum_core.alloc import allocator_policy
+from fedmomentum.cli.alloc import allocator_policy
 rc = main(["demo", "--size", "128", "--clients", "3", "--rank", "4", "--no-full-svd"])
 print(json.dumps({"rc": rc, "policy": allocator_policy()}))
 """

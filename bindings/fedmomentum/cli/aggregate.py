@@ -38,15 +38,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .distributed import is_distributed
+    from ..distributed import is_distributed
 
     if is_distributed():  # started by torchrun with WORLD_SIZE > 1: modules sharded across ranks
         import torch.distributed as dist
 
-        from .distributed import aggregate_adapters
+        from ..distributed import aggregate_adapters
         main_rank = int(os.environ.get("RANK", "0") or 0) == 0 if not dist.is_initialized() else dist.get_rank() == 0
     else:
-        from .peft import aggregate_adapters
+        from ..peft import aggregate_adapters
         main_rank = True
 
     w = _weights(args.weights) if args.weights is not None else None

@@ -168,5 +168,5 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:  # pragma: no cover - convenience
-    from .cli import main as cli_main
+    from . import main as cli_main
     return cli_main(["profile", *(argv or sys.argv[1:])])

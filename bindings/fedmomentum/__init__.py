@@ -11,7 +11,7 @@ import torch
 
 import fedmomentum_kernels as _kernels
 from fedmomentum_core import METHODS, SOLVERS, AggregationResult, LowRank
-from fedmomentum_core.alloc import reuse_freed_memory
+from .cli.alloc import reuse_freed_memory
 from fedmomentum_core.methods import aggregate_layer as _aggregate_layer
 from fedmomentum_core.model import ModelAggregation, ModuleReport
 

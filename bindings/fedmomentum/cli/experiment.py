@@ -72,8 +72,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from . import METHODS
-    from . import experiments as ex
+    from .. import METHODS
+    from .. import experiments as ex
 
     if args.methods.strip() == "all":
         methods = tuple(["fedmomentum"] + [m for m in METHODS if m != "fedmomentum"])

@@ -60,7 +60,7 @@ def reuse_freed_memory(keep: Union[str, int] = "1GiB") -> bool:
         which case nothing changed.
     """
     global _applied
-    from .profiling import parse_memory
+    from fedmomentum_core.profiling import parse_memory
     try:
         nbytes = parse_memory(keep)
     except (TypeError, ValueError) as e:

@@ -146,11 +146,3 @@ def _check_accumulate(out, lefts, rights, coeffs) -> None:
         for name, t in (("left", left), ("right", right)):
             if not t.dtype.is_floating_point:
                 raise TypeError(f"factor {i}: {name} has non-floating dtype {t.dtype}")
-
-
-# Last in the module on purpose: once the name is handed over, `from . import ...` would resolve
-# against the installed package, so the body above must already have run.
-if __name__ == "kernels":  # this folder found under PyPI's name (checkout root on sys.path)
-    from ._shadow import hand_over as _hand_over
-
-    _hand_over(__name__)  # `import kernels` now returns the installed package (or fails clearly)

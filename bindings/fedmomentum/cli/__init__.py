@@ -1,6 +1,6 @@
 """The ``fedmomentum`` command line (also ``python -m fedmomentum``).
 
-Each subcommand lives in its own module ``fedmomentum.cli_<name>`` exposing
+Each subcommand lives in its own module ``fedmomentum.cli.<name>`` exposing
 ``register(subparsers)``, which adds its parser and sets ``func`` (a callable taking the
 parsed args and returning an exit code). Add a new subcommand by listing it here.
 """
@@ -15,7 +15,7 @@ SUBCOMMANDS = ["demo", "profile", "aggregate", "experiment"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     parser = argparse.ArgumentParser(
         prog="fedmomentum",
         description="Exact, fast FedMomentum aggregation of federated LoRA adapters.",
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedmomentum {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"fedmomentum.cli_{name}").register(sub)
+        importlib.import_module(f"fedmomentum.cli.{name}").register(sub)
     return parser
 
 
@@ -38,8 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         # recycle freed round buffers instead of zero-filling fresh pages every round
-        # (see fedmomentum_core.alloc; FEDMOMENTUM_MALLOC=system keeps the C library's default)
-        from fedmomentum_core.alloc import cli_allocator_setup
+        # (see fedmomentum.cli.alloc; FEDMOMENTUM_MALLOC=system keeps the C library's default)
+        from .alloc import cli_allocator_setup
         cli_allocator_setup()
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as e:
