@@ -29,7 +29,7 @@ from .solvers import SOLVERS, stacked_pair
 from .types import AggregationResult, LowRank, SVDFactors
 from .validate import LayerInput, _check_finite, layer_prefix, validate_layer
 
-__all__ = ["METHODS", "register_method", "aggregate_layer", "aggregate_layers", "Options", "BATCH_BYTES"]
+__all__ = ["METHODS", "MethodSpec", "RESIDUAL_KINDS", "get_method", "register_method", "aggregate_layer", "aggregate_layers", "Options", "BATCH_BYTES"]
 
 _RESIDUAL_MODES = ("factored", "stacked", "none")
 _SPLITS = ("balanced", "left")
@@ -53,15 +53,77 @@ class Options:
     finite_checked: bool = True
 
 
-METHODS: dict[str, Callable[[LayerInput, Options], AggregationResult]] = {}
+@dataclass(frozen=True)
+class MethodSpec:
+    """One aggregation method and its traits. Callers ask these traits; they never compare
+    method names.
+
+    Attributes:
+        name: registry key (``fedmomentum.METHODS[name]``).
+        fn: ``fn(LayerInput, Options) -> AggregationResult``.
+        paper: citation of the method's paper.
+        exact: W_new + s·B·A == W_old + ΔW once the residual is merged (float tolerance).
+        residual: what ``result.residual`` holds: ``"tail"`` (the SVD tail beyond rank r),
+            ``"error"`` (ΔW − s·B̄Ā), ``"whole"`` (all of ΔW; the adapter restarts), ``"zero"``
+            (always zero: the method is exact by construction) or ``"none"`` (no residual).
+        keeps_client_B: clients keep their own B (``result.B`` is None).
+        trains: the factors clients train in the next round (``{"A", "B"}`` or ``{"B"}``).
+        batchable: same-shaped layers can share the batched exact engine.
+        defers_residual: the residual may be kept and merged into the backbone later (every
+            other method's residual is merged in the round it is produced).
+    """
+    name: str
+    fn: Callable[..., AggregationResult]
+    paper: str
+    exact: bool
+    residual: str
+    keeps_client_B: bool = False
+    trains: frozenset = frozenset({"A", "B"})
+    batchable: bool = False
+    defers_residual: bool = False
+
+    def __post_init__(self):
+        if self.residual not in RESIDUAL_KINDS:
+            raise ValueError(f"method {self.name!r}: residual kind must be one of {RESIDUAL_KINDS}, "
+                             f"got {self.residual!r}")
+        if not set(self.trains) <= {"A", "B"} or not self.trains:
+            raise ValueError(f"method {self.name!r}: trains must be a non-empty subset of {{'A', 'B'}}")
+
+    @property
+    def has_residual(self) -> bool:
+        """True when the method can produce a non-trivial residual (dropping it loses ΔW)."""
+        return self.residual in ("tail", "error", "whole")
+
+    def __call__(self, inp: LayerInput, opt: "Options") -> AggregationResult:
+        return self.fn(inp, opt)
 
 
-def register_method(name: str):
-    """Decorator adding a method to the registry under ``name``."""
+#: what a method's ``result.residual`` can hold (see :class:`MethodSpec`)
+RESIDUAL_KINDS = ("tail", "error", "whole", "zero", "none")
+
+#: the registry: name -> :class:`MethodSpec`
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, *, paper: str = "", exact: bool = False, residual: str = "none",
+                    keeps_client_B: bool = False, trains=("A", "B"), batchable: bool = False,
+                    defers_residual: bool = False):
+    """Decorator adding a method and its traits to the registry under ``name``."""
     def deco(fn):
-        METHODS[name] = fn
+        METHODS[name] = MethodSpec(name=name, fn=fn, paper=paper or (fn.__doc__ or "").strip().split("\n")[0],
+                                   exact=exact, residual=residual, keeps_client_B=keeps_client_B,
+                                   trains=frozenset(trains), batchable=batchable,
+                                   defers_residual=defers_residual)
         return fn
     return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registry entry for ``name``; a clear ValueError naming the choices otherwise."""
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return spec
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -221,7 +283,7 @@ def _full_lowrank(inp: LayerInput, dtype) -> LowRank:
 
 # ----------------------------------------------------------------------------- methods
 
-@register_method("fedmomentum")
+@register_method("fedmomentum", exact=True, residual="tail", batchable=True, defers_residual=True)
 def fedmomentum(inp: LayerInput, opt: Options) -> AggregationResult:
     """FedMomentum (arXiv 2603.08014, 2026, "FedMomentum: Preserving LoRA Training Momentum in
     Federated Fine-Tuning").
@@ -248,7 +310,7 @@ def _fedmomentum_result(inp: LayerInput, opt: Options, svd: SVDFactors) -> Aggre
                    exact=keep_tail and dropped == 0.0)
 
 
-@register_method("florist")
+@register_method("florist", exact=False, residual="none")
 def florist(inp: LayerInput, opt: Options) -> AggregationResult:
     """FLoRIST (Ramesh et al. 2025, "FLoRIST: Singular Value Thresholding for Efficient and
     Accurate Federated Fine-Tuning of LLMs"): SVD in the stacked space, keep the smallest rank
@@ -270,7 +332,7 @@ def florist(inp: LayerInput, opt: Options) -> AggregationResult:
                    method="florist", solver=svd.solver, exact=False, info={"tau": tau, "rank": k})
 
 
-@register_method("fedit")
+@register_method("fedit", exact=False, residual="none")
 def fedit(inp: LayerInput, opt: Options) -> AggregationResult:
     """FedIT (Zhang et al. 2024, "Towards Building the Federated GPT: Federated Instruction
     Tuning", ICASSP): B and A averaged separately, weighted by p_k. Not exact:
@@ -280,7 +342,7 @@ def fedit(inp: LayerInput, opt: Options) -> AggregationResult:
                    dropped=float("nan"), method="fedit", solver="none", exact=False)
 
 
-@register_method("ffa_lora")
+@register_method("ffa_lora", exact=True, residual="zero", trains=("B",))
 def ffa_lora(inp: LayerInput, opt: Options) -> AggregationResult:
     """FFA-LoRA (Sun et al. 2024, "Improving LoRA in Privacy-preserving Federated Learning", ICLR):
     A is frozen at a shared initialisation, only B is trained and averaged; exact because A is
@@ -303,7 +365,7 @@ def ffa_lora(inp: LayerInput, opt: Options) -> AggregationResult:
                    kept=1.0, dropped=0.0, method="ffa_lora", solver="none", exact=True)
 
 
-@register_method("fedsa_lora")
+@register_method("fedsa_lora", exact=False, residual="none", keeps_client_B=True)
 def fedsa_lora(inp: LayerInput, opt: Options) -> AggregationResult:
     """FedSA-LoRA (Guo et al. 2025, "Selective Aggregation for Low-Rank Adaptation in Federated
     Learning", ICLR): A (general knowledge) is averaged and shared; B (client-specific) stays with
@@ -319,7 +381,7 @@ def fedsa_lora(inp: LayerInput, opt: Options) -> AggregationResult:
                    dropped=float("nan"), method="fedsa_lora", solver="none", exact=False)
 
 
-@register_method("flora")
+@register_method("flora", exact=True, residual="whole")
 def flora(inp: LayerInput, opt: Options) -> AggregationResult:
     """FLoRA (Wang et al. 2024, "FLoRA: Federated Fine-Tuning Large Language Models with
     Heterogeneous Low-Rank Adaptations", NeurIPS): stack all client factors (rank R), merge the
@@ -338,7 +400,7 @@ def flora(inp: LayerInput, opt: Options) -> AggregationResult:
                    dropped=0.0, method="flora", solver="none", exact=True)
 
 
-@register_method("fedex_lora")
+@register_method("fedex_lora", exact=True, residual="error")
 def fedex_lora(inp: LayerInput, opt: Options) -> AggregationResult:
     """FedEx-LoRA (Singhal et al. 2025, "FedEx-LoRA: Exact Aggregation for Federated and Efficient
     Fine-Tuning of Foundation Models", ACL): B̄ and Ā averaged; the error ΔW − s·B̄Ā is the
@@ -427,7 +489,7 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
                              check_finite=False)
         r = _resolve_rank(rank, inp, pre)
         prepared.append((inp, r))
-        batchable = method == "fedmomentum" and residual_energy >= 1.0
+        batchable = METHODS[method].batchable and residual_energy >= 1.0
         if batchable:
             chosen = solver if solver != "auto" else choose_solver(
                 inp.m, inp.n, inp.R, r, need_tail=residual == "factored", full_spectrum=False)
@@ -474,7 +536,7 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
     pre = layer_prefix(name)
     _options(method, solver, residual, split, compute_dtype, residual_energy, tau, generator, pre)
     # FedMomentum's solvers scan for NaN/Inf themselves (the exact one off its Grams, no extra pass)
-    defer = method == "fedmomentum"
+    defer = METHODS[method].batchable  # the exact solver scans for NaN/Inf off its Grams
     inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name,
                          check_finite=not defer)
     r = _resolve_rank(rank, inp, pre)

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import fedmomentum_core as fm_core
+
 import fedmomentum as fm
 from conftest import make_clients, reference_delta, rel_err
 
@@ -15,8 +17,28 @@ W = [1, 2, 3]
 def test_registry_has_all_methods():
     assert set(fm.METHODS) == {"fedmomentum", "fedit", "ffa_lora", "fedsa_lora", "flora",
                                "fedex_lora", "florist"}
-    for fn in fm.METHODS.values():
-        assert fn.__doc__ and "20" in fn.__doc__  # cites its paper (year)
+    for name, spec in fm.METHODS.items():
+        assert spec.name == name
+        assert spec.fn.__doc__ and "20" in spec.paper  # cites its paper (year)
+
+
+@pytest.mark.parametrize("name", ["fedmomentum", "fedit", "ffa_lora", "flora", "fedex_lora", "florist"])
+def test_exact_trait_matches_the_invariant(name):
+    """A method's `exact` trait holds iff s·B·A + residual reproduces ΔW (checked in float64)."""
+    B, A = make_clients(40, 30, [3, 3, 3], seed=5, shared_A="exact")
+    B = [b + 0.1 * torch.randn_like(b) for b in B]
+    A2 = [a + (0.0 if name == "ffa_lora" else 0.3) * torch.randn_like(a) for a in A]
+    spec = fm.METHODS[name]
+    res = fm.aggregate_lora(B, A2, W, method=name, scalings=2.0, rank=3)
+    ref = reference_delta(B, A2, W, 2.0)
+    got = res.delta(torch.float64)
+    assert (rel_err(got, ref) < 1e-5) == spec.exact, (name, rel_err(got, ref))
+    assert spec.has_residual == (spec.residual in ("tail", "error", "whole"))
+
+
+def test_get_method_names_the_choices():
+    with pytest.raises(ValueError, match="unknown method 'fedavg'.*fedmomentum"):
+        fm_core.get_method("fedavg")
 
 
 def test_fedit_is_separate_averaging_and_inexact():
