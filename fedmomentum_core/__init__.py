@@ -1,6 +1,6 @@
 """fedmomentum_core: the algorithms (solvers, methods, planner). Pure torch, any device."""
 from .methods import METHODS, MethodSpec, aggregate_layer, aggregate_layers, get_method, register_method
-from .planner import choose_solver, solver_costs
+from .cost import choose_solver, solver_costs
 from .solvers import SOLVERS
 from .types import AggregationResult, LowRank, SVDFactors
 from .validate import LayerInput, validate_layer

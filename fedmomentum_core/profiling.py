@@ -1,23 +1,8 @@
 """What one aggregation round costs: FLOPs and bytes models, peak-memory measurement, per-module
 records, memory budgets, and :func:`profile_round` (the engine of ``fedmomentum profile``).
 
-Cost models (FLOPs = 2 x multiply-adds; ``k`` = R when the residual tail is formed, else r;
-``ℓ = min(r + oversample, R, m, n)``):
-
-* ``exact``: Grams ``2(m+n)R²`` + forming U and σV ``2(m+n)Rk`` + R x R work (two Cholesky,
-  two triangular inverses, C = L_B L_Aᵀ, C Cᵀ, its eigh ≈ 9R³; rotations 6R²k): ≈ 15.7R³ + 6R²k.
-* ``randomized``: ``2q+2`` products with ΔW or ΔWᵀ through the factors, ``2(m+n)Rℓ`` each, plus
-  ``probes`` Hutchinson columns when ℓ < min(m, n, R), QRs ``≈ 4·rows·ℓ²`` each, rotations
-  ``2mℓr + 4mℓ·probes``.
-* ``dense`` (and the ``dense_full`` baseline): form ΔW ``2mnR`` + LAPACK SVD ≈ ``6·M·N² + 20·N³``
-  (M = max(m, n), N = min(m, n), R-SVD with thin U, V; Golub & Van Loan table 8.6.1).
-* ``dense_lowrank`` baseline (the paper's server): form ΔW ``2mnR`` + ``torch.svd_lowrank``
-  ``(2q+2)·2mnℓ`` + the rotation ``2·max(m, n)·ℓ²`` + its QRs.
-
-Bytes are the unavoidable main-memory traffic: every client factor read once (input dtype) and the
-outputs written once (B, A in the input dtype; the residual in fp32, rank ``R − r`` for exact and
-dense, ``R + r`` for randomized whose remainder is ``[B_cat | −U S]·[A_cat; Vᵀ]``); the dense
-routes also write ΔW (4mn) and read it once per SVD pass.
+The cost model (FLOPs, bytes, memory estimates) is :mod:`fedmomentum_core.cost`; its names are
+re-exported here.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per measurement); on CPU the
 process's peak resident set (``VmHWM`` in ``/proc/self/status``, reset through
@@ -36,7 +21,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .planner import choose_solver
+from .cost import (BASELINES, baseline_bytes, baseline_flops, choose_solver, gram_flops,  # noqa: F401
+                   module_memory_bytes, solver_bytes, solver_flops)
+from .cost import baseline_memory_bytes as _baseline_memory_bytes  # noqa: F401
 from .shapes import ModelShapes, ModuleShape, model_shapes
 from .solvers import release_workspace as _release_workspace
 
@@ -49,142 +36,6 @@ __all__ = [
 #: accepted dtype names
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-#: baselines the profiler can run side by side
-BASELINES = ("dense_lowrank", "dense_full")
-
-#: R x R work of the exact solver per R³: two Cholesky (⅓ each), two triangular inverses (1 each),
-#: C = L_B L_Aᵀ and C Cᵀ (2 each), eigh with vectors (≈ 9)
-_SMALL_C = 2 / 3 + 2.0 + 4.0 + 9.0
-
-
-# ----------------------------------------------------------------------------- cost models
-
-def gram_flops(rows: int, R: int) -> float:
-    """FLOPs of the Gram xᵀx of a rows x R stack as the exact solver forms it: the full GEMM, or,
-    from ``SYMMETRIC_GRAM_MIN_R`` on, two GEMMs using the symmetry (3/4 of it)."""
-    from .solvers import SYMMETRIC_GRAM_MIN_R
-    if R < SYMMETRIC_GRAM_MIN_R:
-        return 2.0 * rows * R * R
-    h = R // 2
-    return 2.0 * rows * (h * h + (R - h) * R)
-
-
-def solver_flops(m: int, n: int, R: int, r: int, solver: str, *, need_tail: bool = True,
-                 oversample: int = 10, power_iters: int = 2, probes: int = 16) -> dict[str, float]:
-    """FLOPs of one layer's aggregation by ``solver`` (exact, randomized, dense; ``auto`` resolved
-    by the planner), broken down by phase; ``total`` is their sum."""
-    if solver == "auto":
-        solver = choose_solver(m, n, R, r, need_tail=need_tail)
-    if solver == "exact":
-        k = R if need_tail else min(r, R)
-        out = {"gram": gram_flops(m + n, R), "form_uv": 2.0 * (m + n) * R * k,
-               "small": _SMALL_C * R ** 3 + 6.0 * R * R * k}
-    elif solver == "randomized":
-        ell = max(1, min(r + oversample, R, m, n))
-        passes = 2 * power_iters + 2
-        k = min(r, ell)
-        pr = probes if ell < min(m, n, R) else 0  # the Hutchinson tail estimate runs only then
-        out = {"products": 2.0 * (m + n) * R * (passes * ell + pr),
-               "rotate": 2.0 * m * ell * k + 4.0 * m * ell * pr,
-               "qr": 4.0 * (m * (power_iters + 1) + n * power_iters) * ell * ell,
-               "small": 4.0 * n * ell * ell + 22.0 * ell ** 3}
-    elif solver == "dense":
-        return _dense_full_flops(m, n, R)
-    else:
-        raise ValueError(f"unknown solver {solver!r}; choose exact, randomized, dense or auto")
-    out["total"] = sum(out.values())
-    return out
-
-
-def _dense_full_flops(m: int, n: int, R: int) -> dict[str, float]:
-    big, small = max(m, n), min(m, n)
-    out = {"form": 2.0 * m * n * R, "svd": 6.0 * big * small * small + 20.0 * small ** 3}
-    out["total"] = out["form"] + out["svd"]
-    return out
-
-
-def baseline_flops(m: int, n: int, R: int, r: int, baseline: str, *, oversample: int = 10,
-                   niter: int = 2) -> dict[str, float]:
-    """FLOPs of a dense baseline: ``dense_full`` (PEFT: ΔW + full SVD) or ``dense_lowrank``
-    (the paper: ΔW + ``torch.svd_lowrank(q=r+10, niter=2)``)."""
-    if baseline == "dense_full":
-        return _dense_full_flops(m, n, R)
-    if baseline == "dense_lowrank":
-        q = min(r + oversample, m, n)
-        out = {"form": 2.0 * m * n * R, "products": (2 * niter + 2) * 2.0 * m * n * q,
-               "rotate": 2.0 * max(m, n) * q * q,
-               "qr": 4.0 * (niter + 1) * (m + n) * q * q + 22.0 * q ** 3}
-        out["total"] = sum(out.values())
-        return out
-    raise ValueError(f"unknown baseline {baseline!r}; choose from {list(BASELINES)}")
-
-
-def _residual_rank(m: int, n: int, R: int, r: int, solver: str) -> int:
-    if solver == "randomized":
-        return R + min(r, R)
-    return max(0, min(R, m, n) - min(r, R))
-
-
-def solver_bytes(m: int, n: int, ranks: Sequence[int], r: int, solver: str, *, itemsize: int = 2,
-                 residual: bool = True) -> dict[str, int]:
-    """Main-memory bytes of one layer's aggregation: ``read`` (client factors, input dtype),
-    ``written`` (B, A in the input dtype, residual in fp32) and ``total``."""
-    R = int(sum(ranks))
-    if solver == "auto":
-        solver = choose_solver(m, n, R, r, need_tail=residual)
-    read = (m + n) * R * itemsize
-    written = (m + n) * r * itemsize
-    if residual:
-        written += (m + n) * _residual_rank(m, n, R, r, solver) * 4
-    if solver == "dense":
-        written += 4 * m * n
-        read += 4 * m * n
-    return {"read": int(read), "written": int(written), "total": int(read + written)}
-
-
-def baseline_bytes(m: int, n: int, ranks: Sequence[int], r: int, baseline: str, *, itemsize: int = 2,
-                   oversample: int = 10, niter: int = 2) -> dict[str, int]:
-    """Main-memory bytes of a dense baseline: factors read, ΔW written once and read once per pass
-    (``2·niter + 2`` passes for ``dense_lowrank``, one for ``dense_full``), top-r factors written."""
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; choose from {list(BASELINES)}")
-    R = int(sum(ranks))
-    passes = (2 * niter + 2) if baseline == "dense_lowrank" else 1
-    read = (m + n) * R * itemsize + passes * 4 * m * n
-    written = 4 * m * n + (m + n) * r * itemsize
-    return {"read": int(read), "written": int(written), "total": int(read + written)}
-
-
-def module_memory_bytes(m: int, n: int, ranks: Sequence[int], r: int, solver: str = "auto", *,
-                        itemsize: int = 2, oversample: int = 10, probes: int = 16) -> int:
-    """Upper estimate of the memory one module needs while it is aggregated: its client factors
-    (input dtype) plus the solver's working set (fp32 stacks, bases, outputs, residual)."""
-    R = int(sum(ranks))
-    if solver == "auto":
-        solver = choose_solver(m, n, R, r)
-    inputs = (m + n) * R * itemsize
-    outs = (m + n) * r * (itemsize + 4)
-    if solver == "exact":
-        work = 4 * (m + n) * (3 * R + 2 * r) + 8 * 16 * R * R
-    elif solver == "randomized":
-        ell = max(1, min(r + oversample, R, m, n))
-        work = 4 * (m + n) * (3 * R + 2 * r + 6 * ell + probes)
-    elif solver == "dense":
-        small = min(m, n)
-        work = 4 * (3 * m * n + (m + n) * small + (m + n) * R)
-    else:
-        raise ValueError(f"unknown solver {solver!r}")
-    return int(inputs + outs + work)
-
-
-def _baseline_memory_bytes(m: int, n: int, ranks: Sequence[int], r: int, baseline: str,
-                           itemsize: int = 2) -> int:
-    R = int(sum(ranks))
-    base = (m + n) * R * itemsize + 4 * m * n
-    if baseline == "dense_full":
-        return int(base + 4 * (2 * m * n + (m + n) * min(m, n)))
-    return int(base + 4 * (m * n + 8 * (m + n) * (r + 10)))
-
 
 # ----------------------------------------------------------------------------- memory
 
