@@ -1,4 +1,4 @@
-"""Model-level aggregation (fedmomentum.aggregate, fedmomentum_core.model) on state dicts.
+"""Model-level aggregation (fedmomentum.aggregate, fedmomentum.peft.plan/rules) on state dicts.
 
 The oracle is float64 dense math: per module Σ_k p_k s_k B_k A_k in the base weight's
 orientation, with s_k computed here from the config by hand.
@@ -12,8 +12,9 @@ import torch
 
 import fedmomentum as fm
 from fedmomentum_core import LowRank
-from fedmomentum_core.model import (ModelAggregation, aggregate_state_dicts, client_scaling, group_lora_keys,
-                                    peft_pattern_key, plan_modules)
+from fedmomentum.peft.plan import aggregate_state_dicts, plan_modules
+from fedmomentum.peft.rules import client_scaling, group_lora_keys, peft_pattern_key
+from fedmomentum_core.plan import ModelAggregation
 
 P = "base_model.model."
 

@@ -13,7 +13,7 @@ import fedmomentum_kernels as _kernels
 from fedmomentum_core import METHODS, SOLVERS, AggregationResult, LowRank
 from .cli.alloc import reuse_freed_memory
 from fedmomentum_core.methods import aggregate_layer as _aggregate_layer
-from fedmomentum_core.model import ModelAggregation, ModuleReport
+from fedmomentum_core.plan import ModelAggregation, ModuleReport
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ def aggregate(client_state_dicts, weights=None, *, configs=None, rank: Optional[
         client_state_dicts: K state dicts from ``get_peft_model_state_dict`` (saved keys
             ``…lora_A.weight``) or a PeftModel's ``state_dict()`` (live keys ``…lora_A.<name>.weight``);
             ``lora_embedding_A/B`` for Embedding LoRA. Other non-LoRA tensors are averaged with p_k;
-            DoRA magnitudes and LoRA biases are refused (see :mod:`fedmomentum_core.model`).
+            DoRA magnitudes and LoRA biases are refused (see :mod:`fedmomentum.peft.rules`).
         weights: K non-negative numbers, normalised; None = uniform.
         configs: the clients' adapter configs (LoraConfig or dict; one for all or K of them) giving
             s_k = α/r or α/√r (rsLoRA) with rank_pattern/alpha_pattern; None = s_k = 1.
@@ -45,7 +45,7 @@ def aggregate(client_state_dicts, weights=None, *, configs=None, rank: Optional[
         :class:`ModelAggregation` with ``state_dict`` (saved PEFT keys, input dtype), ``residuals``
         (module → LowRank in the base weight's orientation), ``report`` and ``config``.
     """
-    from fedmomentum_core.model import aggregate_state_dicts
+    from .peft.plan import aggregate_state_dicts
     return aggregate_state_dicts(client_state_dicts, weights, configs=configs, rank=rank, method=method,
                                  solver=solver, residual=residual, profile=profile, **layer_kwargs)
 

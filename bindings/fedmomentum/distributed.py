@@ -15,7 +15,7 @@ How it works (every step is the same on every rank, so no rank waits for a decis
    :func:`fedmomentum_core.profiling.solver_flops` plus the factor bytes read). Ties break by
    module order and rank, so the assignment is deterministic and identical on all ranks.
 3. **Aggregate.** Each rank opens the K safetensors files lazily (``safe_open``) and reads and
-   aggregates only its own modules with :func:`fedmomentum_core.model.run_plan` (one module's K
+   aggregates only its own modules with :func:`fedmomentum_core.plan.run_plan` (one module's K
    factors in memory at a time). The per-module math is the single-process code unchanged, so the
    result is bitwise identical to one process (the solvers' random sketches are seeded per module
    when no ``generator`` is passed; an explicit ``generator`` is consumed in a different order
@@ -56,15 +56,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from fedmomentum_core.model import ModelAggregation, ModuleResult, ModuleSpec, output_config, run_plan
+from fedmomentum_core.plan import ModelAggregation, ModuleResult, average_tensors, run_plan
+from fedmomentum.peft.plan import ModuleSpec
+from fedmomentum.peft.rules import output_config
 from fedmomentum_core.planner import choose_solver
 from fedmomentum_core.profiling import solver_flops
 from fedmomentum_core.types import LowRank
@@ -272,28 +272,12 @@ def aggregate_adapters(adapter_dirs: Sequence[_peft.PathLike], out_dir: _peft.Pa
                   **layer_kwargs)
     if not is_distributed():
         return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
-    _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out)
+    _peft.check_adapter_args(adapter_dirs, out_dir, residual=residual, method=method,
+                             base_model=base_model, merged_out=merged_out)
     _init_group()
     if dist.get_world_size() == 1:
         return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
     return _run_sharded(adapter_dirs, out_dir, weights, **kwargs)
-
-
-def _check_args(adapter_dirs, out_dir, residual, method, base_model, merged_out) -> None:
-    """The argument checks of the local path that need no file system (same on every rank)."""
-    if isinstance(adapter_dirs, (str, os.PathLike)):
-        raise TypeError("adapter_dirs must be a sequence of K adapter folders, got a single path")
-    if residual not in _peft._RESIDUAL_MODES:
-        raise ValueError(f"residual must be one of {list(_peft._RESIDUAL_MODES)}, got {residual!r}")
-    if residual == "merge":
-        if base_model is None or merged_out is None:
-            raise ValueError("residual='merge' needs base_model (a transformers model folder) and "
-                             "merged_out (where the merged model is written)")
-    elif merged_out is not None or base_model is not None:
-        raise ValueError(f"base_model / merged_out are only used with residual='merge' (got residual={residual!r})")
-    if method == "flora" and residual == "discard":
-        raise ValueError("method 'flora' puts the whole update in the residual and restarts the adapter; "
-                         "residual='discard' would drop the whole update (use 'save' or 'merge')")
 
 
 def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residual, base_model, merged_out,
@@ -310,11 +294,8 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
     aplan = None
     try:
         aplan = _peft.plan_adapters(adapter_dirs, weights)
-        if me == 0 and residual == "merge":
-            if not (Path(base_model) / "config.json").is_file():
-                raise ValueError(f"base_model {str(base_model)!r} is not a transformers model folder (no config.json)")
-            if Path(merged_out).resolve() == Path(out_dir).resolve():
-                raise ValueError("merged_out and out_dir must be different folders")
+        if me == 0:
+            _peft.check_adapter_paths(out_dir, residual=residual, base_model=base_model, merged_out=merged_out)
     except Exception as e:  # noqa: BLE001 - reported to every rank
         err = e
     _exchange_status(err, "planning", me, group)
@@ -428,18 +409,10 @@ def _gather_results(payload: list[tuple[int, ModuleResult]], me: int, world: int
 
 def _run_local_shard(aplan: _peft.AdapterPlan, sub, *, on_module, **kw) -> ModelAggregation:
     """run_plan over this rank's sub-plan with the K safetensors files open lazily."""
-    safe_open, _ = _peft._safetensors()
-    handles, ctxs = [], []
-    try:
-        for f in aplan.files:
-            ctx = safe_open(str(f), framework="pt")
-            ctxs.append(ctx)
-            handles.append(ctx.__enter__())
+    with _peft.open_adapter_files(aplan) as handles:
         return run_plan(sub, lambda spec: _peft.load_module_factors(aplan, spec, handles), None,
-                        on_module=on_module, keep_residuals=True, **kw)
-    finally:
-        for ctx in ctxs:
-            ctx.__exit__(None, None, None)
+                        on_module=on_module, keep_residuals=True,
+                        out_use_rslora=_peft.plan.out_use_rslora(aplan.plan), **kw)
 
 
 def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], out_dir, *, rank, method,
@@ -454,56 +427,26 @@ def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], o
         if res.residual is not None:
             residuals[spec.name] = res.residual
     if plan.other_keys and plan.other_keys[0]:  # non-LoRA tensors (small): averaged on rank 0
-        safe_open, _ = _peft._safetensors()
-        others_plan = dataclasses.replace(plan, modules=())
-        ctxs, handles = [], []
-        try:
-            for f in aplan.files:
-                ctx = safe_open(str(f), framework="pt")
-                ctxs.append(ctx)
-                handles.append(ctx.__enter__())
-            others = run_plan(others_plan, lambda spec: ([], []),
-                              lambda key: _peft._load_other(aplan, handles, key), method=method)
-        finally:
-            for ctx in ctxs:
-                ctx.__exit__(None, None, None)
-        state.update(others.state_dict)
-    cfg = output_config(plan, results, rank=rank, base=plan.configs[0])
+        with _peft.open_adapter_files(aplan) as handles:
+            state.update(average_tensors(plan.other_keys[0],
+                                         lambda key: _peft.load_other_tensors(aplan, handles, key),
+                                         plan.p, plan.clients))
+    cfg = output_config(plan, results, rank=rank, base=plan.configs[0], method=method)
     mode = "factored" if core_residual == "factored" else "discarded"
     if core_residual == "factored" and not any(r.report.residual_rank for r in results):
         mode = "none"
-    if method == "fedsa_lora":
-        cfg["fedmomentum_note"] = ("fedsa_lora: lora_A only; clients keep their own lora_B "
-                                   "(load with set_peft_model_state_dict)")
     agg = ModelAggregation(state_dict=state, residuals=residuals, report=[r.report for r in results],
                            config=cfg, method=method, residual_mode=mode, seconds=time.perf_counter() - t_all,
                            profile=profile, skipped_keys=list(plan.skipped_keys))
-    target = Path(out_dir)
-    tmp = _peft._tmp_next_to(target)
-    writer = None
-    try:
-        if residual == "save" and not keep_residuals:
-            # the same streamed file as the single-process keep_residuals=False path (module order)
-            writer = _peft.SafetensorsStreamWriter(tmp / _peft.RESIDUAL_FILE,
-                                                   metadata={"format": "pt", "fedmomentum": "residual"})
-            for name, lr in residuals.items():
-                writer.add(f"{name}.residual_left", lr.left)
-                writer.add(f"{name}.residual_right", lr.right)
-            writer.close()
-            if not writer.count:
-                (tmp / _peft.RESIDUAL_FILE).unlink()
-            writer = None
-        agg.seconds = time.perf_counter() - t_all
-        _peft._fill_adapter_dir(tmp, state, cfg, residuals if (residual == "save" and keep_residuals) else None,
-                                _peft._report_json(agg))
-        if residual == "merge":
+    agg.seconds = time.perf_counter() - t_all
+    merge = None
+    if residual == "merge":
+        def merge() -> None:
             _peft.merge_base_model(base_model, residuals, merged_out)
-        _peft._install(tmp, target)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # keep_residuals=False: the same streamed file as the single-process path (module order)
+    _peft.write_adapter_dir(out_dir, state, cfg, residuals if residual == "save" else None,
+                            _peft.report_json(agg), stream_residuals=not keep_residuals,
+                            before_install=merge)
     if not keep_residuals:
         agg.residuals = {}
     return agg

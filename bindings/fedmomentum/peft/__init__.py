@@ -1,0 +1,183 @@
+"""PEFT interop: aggregate LoRA adapter folders, write adapter + residual (+ merged base) out.
+
+The package, one concern per module:
+
+* :mod:`~fedmomentum.peft.rules` — every PEFT naming and scaling rule (key forms, pattern
+  matching, configs, scalings, the output config);
+* :mod:`~fedmomentum.peft.plan` — :class:`ModuleSpec`, :class:`ModelPlan`, :func:`plan_modules`,
+  :func:`plan_adapters`, :func:`aggregate_plan`, :func:`aggregate_state_dicts`;
+* :mod:`~fedmomentum.peft.io` — safetensors reading/writing, residual files, atomic folders;
+* :mod:`~fedmomentum.peft.merge` — merging residuals into a model or a saved base model;
+* this module — :func:`aggregate_adapters`, the adapter-folder entry point.
+
+An adapter folder is what ``PeftModel.save_pretrained`` writes: ``adapter_model.safetensors``
+and ``adapter_config.json``. :func:`aggregate_adapters` is built from pieces that streaming and
+distributed drivers reuse:
+
+* :func:`plan_adapters` — reads the K configs and safetensors *headers* only (no tensor data) and
+  returns an :class:`AdapterPlan` (a :class:`~fedmomentum.peft.plan.ModelPlan` plus file paths):
+  one :class:`~fedmomentum.peft.plan.ModuleSpec` per module with its shape, per-client ranks,
+  scalings and key names.
+* :func:`load_module_factors` / :func:`aggregate_adapter_module` — read one module's factors
+  lazily with ``safe_open`` and aggregate it (memory: one module's K factors at a time).
+* :func:`write_adapter_dir` — writes the output folder atomically (into a temporary folder next
+  to ``out_dir``, then renamed; on error nothing half-written remains).
+  :class:`SafetensorsStreamWriter` writes a safetensors file one tensor at a time (used by
+  ``aggregate_adapters(..., keep_residuals=False)`` and the CLI to stream residuals to disk).
+* :func:`save_residuals` / :func:`load_residuals` / :func:`merge_residuals_` /
+  :func:`merge_base_model` — the residual file and merging it into a base model.
+
+Scaling conventions: client k's scale at a module is s_k = lora_alpha/r (α/√r with
+``use_rslora``), with r and lora_alpha taken from ``rank_pattern``/``alpha_pattern`` by PEFT's
+own matching rule. The aggregate is ΔW = Σ_k p_k s_k B_k A_k with p the normalised ``weights``.
+The output scale s is the clients' common s_k, or Σ_k p_k s_k where they differ; the output
+adapter_config has ``r`` = the output rank and ``lora_alpha`` = s·r (s·√r if every client used
+rsLoRA, then ``use_rslora=True``), with per-module ``rank_pattern``/``alpha_pattern`` where a module
+differs, so that PEFT's s·B·A is exactly what we computed.
+
+PEFT's ``add_weighted_adapter(combination_type="svd")`` differs: it uses the weights as given (no
+normalisation), forms the dense Σ w_k s_k B_k A_k per module, and writes an adapter with
+``r = lora_alpha = new_rank`` (scale 1) — or scale √r when the first adapter used rsLoRA, while its
+SVD factors assume scale 1, a known PEFT pitfall. Its top-r product equals ours when it is given
+the normalised p_k and rsLoRA is off.
+
+Method-specific outputs:
+
+* ``fedmomentum`` (default): same-rank B, A of the top r; tail → residual.
+* ``flora``: a fresh adapter (A PEFT-style kaiming-uniform, B = 0) and the whole ΔW in the
+  residual; ``residual="discard"`` is refused (it would drop the whole update).
+* ``florist``: rank chosen per module by energy (``tau``); the output config carries the
+  per-module ranks in ``rank_pattern``; the tail is discarded (no residual; energy reported).
+* ``fedsa_lora``: only A is aggregated; the written adapter holds lora_A keys only (clients keep
+  their own lora_B: load it with ``set_peft_model_state_dict``, which leaves missing keys as they
+  are); no residual.
+* ``fedit``, ``ffa_lora``, ``fedex_lora``: B and A as in :mod:`fedmomentum_core.methods`;
+  fedex_lora's error term is the residual.
+
+Residuals are :class:`~fedmomentum.LowRank` in the orientation of each base module's ``weight``
+(out×in for nn.Linear, in×out for GPT-2 Conv1D, num_embeddings×dim for nn.Embedding), scalings
+included, fp32; ``residual.safetensors`` stores them as ``<module>.residual_left`` /
+``<module>.residual_right`` with ``<module>`` the adapter's module path
+(``base_model.model.<path in the base model>``).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fedmomentum_core.plan import ModelAggregation, ModuleResult
+
+from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT_FILE, RESIDUAL_FILE, RESIDUAL_METADATA, PathLike,
+                 SafetensorsStreamWriter, _fill_adapter_dir, _install, _tmp_next_to, load_module_factors,
+                 load_other_tensors, load_residuals, open_adapter_files, read_adapter_config, report_json,
+                 save_residuals, write_adapter_dir)
+from .merge import load_base_model, merge_base_model, merge_residuals_, save_model
+from .plan import (AdapterPlan, ModelPlan, ModuleSpec, RESIDUAL_MODES, aggregate_adapter_module, aggregate_plan,
+                   check_adapter_args, check_adapter_paths, plan_adapters, plan_modules)
+
+__all__ = [
+    "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "RESIDUAL_FILE", "AdapterPlan", "read_adapter_config",
+    "plan_adapters", "load_module_factors", "aggregate_adapter_module", "write_adapter_dir",
+    "SafetensorsStreamWriter",
+    "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
+    "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
+    "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES",
+]
+
+#: kept for code that used the private name
+_RESIDUAL_MODES = RESIDUAL_MODES
+
+
+def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weights=None, *,
+                       rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
+                       residual: str = "save", base_model: Optional[PathLike] = None,
+                       merged_out: Optional[PathLike] = None, progress: bool = False,
+                       profile: bool = False, keep_residuals: bool = True,
+                       **layer_kwargs) -> ModelAggregation:
+    """Aggregate K PEFT LoRA adapter folders into one adapter folder ``out_dir``.
+
+    Args:
+        adapter_dirs: K folders with ``adapter_model.safetensors`` + ``adapter_config.json``.
+        out_dir: where the new adapter goes (written atomically; replaced if it exists).
+        weights: K non-negative numbers (e.g. sample counts), normalised; None = uniform.
+        rank: output rank (default: per module, the clients' max rank).
+        method, solver: see ``fedmomentum.aggregate_lora``.
+        residual: ``"save"`` writes ``out_dir/residual.safetensors``; ``"merge"`` loads
+            ``base_model`` (a transformers model folder), merges the residuals into its weights and
+            ``save_pretrained``s it to ``merged_out``; ``"discard"`` drops the residual (the report
+            says so and gives the energy dropped per module).
+        progress: tqdm bar over modules. ``profile``: extra per-module numbers in the report.
+        keep_residuals: True (default) returns every residual in ``ModelAggregation.residuals``;
+            False streams each module's residual to ``residual.safetensors`` (``"save"``) or merges
+            it into the loaded base model (``"merge"``) as soon as it is computed and keeps none
+            (``residuals`` is then empty): memory is one module's factors plus the output adapter.
+            The CLI uses False.
+        **layer_kwargs: passed to ``aggregate_lora`` (split, compute_dtype, generator, tau, ...),
+            and ``max_memory`` (e.g. ``"2GB"``): a budget for what the call holds at once (one
+            module's factors plus the kept outputs; ValueError naming the module when one module
+            alone cannot fit, or when the kept outputs cannot, before anything is read).
+
+    Reads one module's factors at a time (lazy ``safe_open``): the K inputs are never all in
+    memory. What is kept until the end is the output (the new rank-r adapter and, unless
+    ``residual="discard"`` or ``keep_residuals=False``, each module's factored residual of rank
+    ≤ R − r, returned in ``ModelAggregation.residuals``); ``residual="merge"`` additionally loads
+    the base model. On any error (bad input: a clear
+    ValueError naming the client folder and module) neither ``out_dir`` nor ``merged_out`` is
+    created or modified. Returns the :class:`~fedmomentum_core.plan.ModelAggregation`.
+    """
+    check_adapter_args(adapter_dirs, out_dir, residual=residual, method=method, base_model=base_model,
+                       merged_out=merged_out)
+    check_adapter_paths(out_dir, residual=residual, base_model=base_model, merged_out=merged_out)
+    aplan = plan_adapters(adapter_dirs, weights)
+    core_residual = "none" if residual == "discard" else "factored"
+    target = Path(out_dir)
+    tmp = _tmp_next_to(target)
+    writer = None
+    merged_tmp = None
+    try:
+        model = None
+        on_module = None
+        if not keep_residuals and residual == "save":
+            writer = SafetensorsStreamWriter(tmp / RESIDUAL_FILE, metadata=RESIDUAL_METADATA)
+
+            def on_module(res: ModuleResult) -> None:
+                if res.residual is not None:
+                    writer.add(f"{res.report.name}.residual_left", res.residual.left)
+                    writer.add(f"{res.report.name}.residual_right", res.residual.right)
+        elif not keep_residuals and residual == "merge":
+            model = load_base_model(base_model)  # merged module by module; written only at the end
+
+            def on_module(res: ModuleResult) -> None:
+                if res.residual is not None:
+                    merge_residuals_(model, {res.report.name: res.residual})
+        with open_adapter_files(aplan) as handles:
+            agg = aggregate_plan(aplan.plan, lambda spec: load_module_factors(aplan, spec, handles),
+                                 lambda key: load_other_tensors(aplan, handles, key), rank=rank,
+                                 method=method, adapter_note=True, solver=solver, residual=core_residual,
+                                 progress=progress, profile=profile, on_module=on_module,
+                                 keep_residuals=keep_residuals, **layer_kwargs)
+        if writer is not None:
+            writer.close()
+            if not writer.count:
+                (tmp / RESIDUAL_FILE).unlink()
+            writer = None
+        _fill_adapter_dir(tmp, agg.state_dict, agg.config,
+                          agg.residuals if (residual == "save" and keep_residuals) else None, report_json(agg))
+        if residual == "merge":
+            if model is None:
+                merge_base_model(base_model, agg.residuals, merged_out)
+            else:
+                merged_tmp = _tmp_next_to(Path(merged_out))
+                save_model(model, base_model, merged_tmp)
+                _install(merged_tmp, Path(merged_out))
+                merged_tmp = None
+        _install(tmp, target)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if merged_tmp is not None:
+            shutil.rmtree(merged_tmp, ignore_errors=True)
+        raise
+    return agg

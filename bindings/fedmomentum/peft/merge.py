@@ -1,0 +1,120 @@
+"""Merging residuals into base weights: a live model (:func:`merge_residuals_`) or a saved
+transformers model folder (:func:`merge_base_model`, written atomically)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+
+from fedmomentum_core.types import LowRank
+
+from .io import PathLike, _install, _tmp_next_to, load_residuals
+from .rules import module_path_candidates, relative_module_name
+
+__all__ = ["find_base_weight", "merge_residuals_", "load_base_model", "save_model", "merge_base_model"]
+
+
+def find_base_weight(modules: Mapping[str, torch.nn.Module], name: str) -> Optional[torch.Tensor]:
+    """The base ``weight`` of module ``name`` (a saved-key module path) in ``modules``
+    (``dict(model.named_modules())`` of a plain model or a PeftModel; a LoRA layer's base layer is
+    used), or None."""
+    for cand in module_path_candidates(name):
+        mod = modules.get(cand)
+        if mod is None:
+            continue
+        if hasattr(mod, "get_base_layer"):
+            mod = mod.get_base_layer()
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return w
+    return None
+
+
+def merge_residuals_(model: torch.nn.Module, residuals: Union[Mapping[str, LowRank], PathLike]) -> torch.nn.Module:
+    """Merge residuals into a model's base weights in place: ``module.weight += left @ right``.
+
+    ``model`` is a plain transformers model or a PeftModel (LoRA layers' base weights are used);
+    ``residuals`` a ``{module: LowRank}`` dict or a path to ``residual.safetensors`` (or its folder).
+    Module names may carry the ``base_model.model.`` prefix or not. Every residual is checked
+    (module exists, shape equals its weight) before any weight is touched. Returns ``model``.
+    """
+    from fedmomentum import merge_residual_
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (or PeftModel), got {type(model).__name__}")
+    if isinstance(residuals, (str, os.PathLike)):
+        residuals = load_residuals(residuals)
+    if not isinstance(residuals, Mapping):
+        raise TypeError(f"residuals must be a dict of LowRank or a path, got {type(residuals).__name__}")
+    modules = dict(model.named_modules())
+    todo = []
+    for name, lr in residuals.items():
+        if not isinstance(lr, LowRank):
+            raise TypeError(f"residual for module {name!r} is a {type(lr).__name__}, not a LowRank")
+        w = find_base_weight(modules, name)
+        if w is None:
+            raise ValueError(f"residual for module {name!r}: the model has no such module with a weight "
+                             f"(tried {name!r} and {relative_module_name(name)!r})")
+        if tuple(w.shape) != lr.shape:
+            raise ValueError(f"residual for module {name!r} is {lr.shape[0]} x {lr.shape[1]} but the module's "
+                             f"weight is {tuple(w.shape)}")
+        if not bool(torch.isfinite(lr.left).all()) or not bool(torch.isfinite(lr.right).all()):
+            raise ValueError(f"residual for module {name!r} has NaN/Inf entries")
+        todo.append((w, lr))
+    with torch.no_grad():
+        for w, lr in todo:
+            if lr.rank:
+                merge_residual_(w.data, lr.to(w.device))
+    return model
+
+
+def load_base_model(base_model: PathLike):
+    """The transformers model saved in folder ``base_model`` (its architecture class, dtype as saved)."""
+    import transformers
+
+    d = Path(base_model)
+    if not (d / "config.json").is_file():
+        raise ValueError(f"base_model {str(d)!r} is not a transformers model folder (no config.json)")
+    cfg = transformers.AutoConfig.from_pretrained(str(d))
+    cls = None
+    for arch in getattr(cfg, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            break
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype": "auto"} if (major, minor) >= (4, 56) else {"torch_dtype": "auto"}
+    return cls.from_pretrained(str(d), **kw)
+
+
+_COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def save_model(model, base_model: PathLike, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` plus the tokenizer files of ``base_model``."""
+    model.save_pretrained(str(folder))
+    for name in _COPY_FILES:
+        src = Path(base_model) / name
+        if src.is_file() and not (folder / name).exists():
+            shutil.copy2(src, folder / name)
+
+
+def merge_base_model(base_model: PathLike, residuals: Mapping[str, LowRank], merged_out: PathLike) -> Path:
+    """Load the transformers model in ``base_model``, merge ``residuals``, ``save_pretrained`` it to
+    ``merged_out`` atomically (tokenizer files are copied along)."""
+    model = load_base_model(base_model)
+    merge_residuals_(model, residuals)
+    target = Path(merged_out)
+    tmp = _tmp_next_to(target)
+    try:
+        save_model(model, base_model, tmp)
+        _install(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
