@@ -30,14 +30,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from . import profiling as _profiling
-from .methods import aggregate_layer, get_method
-from .planner import choose_solver
+from .methods import BATCH_BYTES, aggregate_layer, aggregate_layers, get_method
+from . import cost as _cost
 from .solvers import release_workspace as _release_workspace
 from .types import LowRank
 
 __all__ = [
     "LayerSpec", "ModuleReport", "ModuleResult", "ModelAggregation", "format_report",
-    "module_out_scaling", "aggregate_module", "run_plan", "check_budget", "average_tensors",
+    "module_out_scaling", "aggregate_module", "aggregate_modules", "plan_batches", "run_plan", "check_budget", "average_tensors",
     "check_method_residual", "FactorLoader", "TensorLoader",
 ]
 
@@ -192,11 +192,23 @@ def aggregate_module(spec: LayerSpec, B: Sequence[torch.Tensor], A: Sequence[tor
                               out_scaling=out_s, method=method, solver=solver, residual=residual,
                               name=spec.name, **layer_kwargs)
     except (ValueError, TypeError) as e:
-        msg = str(e)
-        if clients is not None:
-            for k in sorted(range(len(clients)), reverse=True):  # "client 10" before "client 1"
-                msg = msg.replace(f"client {k}", f"client {k} ({clients[k]})")
-        raise type(e)(msg) from None
+        raise _with_client_names(e, clients) from None
+    return _module_result(spec, res, out_s, method=method, residual=residual,
+                          out_use_rslora=out_use_rslora, read_seconds=read_seconds)
+
+
+def _with_client_names(e: Exception, clients: Optional[Sequence[str]]) -> Exception:
+    """``e`` with "client k" expanded to "client k (<name>)"."""
+    msg = str(e)
+    if clients is not None:
+        for k in sorted(range(len(clients)), reverse=True):  # "client 10" before "client 1"
+            msg = msg.replace(f"client {k}", f"client {k} ({clients[k]})")
+    return type(e)(msg)
+
+
+def _module_result(spec: LayerSpec, res, out_s: float, *, method: str, residual: str,
+                   out_use_rslora: bool, read_seconds: float) -> ModuleResult:
+    """One layer's :class:`~fedmomentum_core.types.AggregationResult` as a :class:`ModuleResult`."""
     a_key, b_key = spec.out_keys()
     tensors = {a_key: res.A}
     if res.B is not None:
@@ -226,6 +238,41 @@ def aggregate_module(spec: LayerSpec, B: Sequence[torch.Tensor], A: Sequence[tor
     return ModuleResult(tensors, resid, rep, alpha, out_use_rslora)
 
 
+def aggregate_modules(specs: Sequence[LayerSpec], factors: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+                      p: Sequence[float], *, rank: Optional[int] = None, method: str = "fedmomentum",
+                      solver: str = "auto", residual: str = "factored", out_use_rslora: bool = False,
+                      clients: Optional[Sequence[str]] = None,
+                      read_seconds: Optional[Sequence[float]] = None, **layer_kwargs) -> list[ModuleResult]:
+    """Aggregate same-shaped modules in one batch with :func:`fedmomentum_core.aggregate_layers`
+    (the batched by-shape engine that ``benchmarks/run_round.py`` times).
+
+    Every spec must share ``m``, ``n``, client ranks and scalings (so one ``scalings`` /
+    ``out_scaling`` applies to all); ``factors[i]`` is ``(B_list, A_list)`` of ``specs[i]``.
+    Results equal :func:`aggregate_module`'s per module up to float rounding; each report's
+    ``seconds`` is the batch's time divided by its size and ``info["batched"]`` the batch size.
+    """
+    specs = list(specs)
+    if not specs:
+        return []
+    s0 = specs[0]
+    for sp in specs[1:]:
+        if (sp.m, sp.n, tuple(sp.ranks), tuple(sp.scalings)) != (s0.m, s0.n, tuple(s0.ranks), tuple(s0.scalings)):
+            raise ValueError(f"aggregate_modules: module {sp.name!r} ({sp.m} x {sp.n}, ranks {sp.ranks}) "
+                             f"cannot share a batch with {s0.name!r} ({s0.m} x {s0.n}, ranks {s0.ranks})")
+    out_s = module_out_scaling(s0, p)
+    r = rank if rank is not None else max(s0.ranks)
+    try:
+        layer_results = aggregate_layers([(list(B), list(A)) for B, A in factors], list(p),
+                                         names=[sp.name for sp in specs], rank=r,
+                                         scalings=list(s0.scalings), out_scaling=out_s, method=method,
+                                         solver=solver, residual=residual, **layer_kwargs)
+    except (ValueError, TypeError) as e:
+        raise _with_client_names(e, clients) from None
+    reads = list(read_seconds) if read_seconds is not None else [0.0] * len(specs)
+    return [_module_result(sp, res, out_s, method=method, residual=residual, out_use_rslora=out_use_rslora,
+                           read_seconds=t) for sp, res, t in zip(specs, layer_results, reads)]
+
+
 # ----------------------------------------------------------------------------- the loop
 
 FactorLoader = Callable[[LayerSpec], tuple[list[torch.Tensor], list[torch.Tensor]]]
@@ -239,14 +286,72 @@ def check_method_residual(method: str, residual: str) -> None:
         raise ValueError(f"residual must be 'factored' or 'none', got {residual!r}")
 
 
+#: how many modules ahead :func:`run_plan` looks for same-shaped modules to batch with the first
+#: unfinished one (results finished early wait, in memory, until their turn in module order);
+#: 64 spans ~9 decoder layers of 7 adapted modules, so every q/k/v/o/gate/up/down shape of those
+#: layers forms one batch
+LOOKAHEAD = 64
+
+
+def _batch_solver(spec: LayerSpec, r: int, solver: str, residual: str) -> str:
+    R = sum(spec.ranks)
+    r = max(1, min(r, spec.m, spec.n, R))
+    return solver if solver != "auto" else _cost.choose_solver(spec.m, spec.n, R, r,
+                                                                need_tail=residual == "factored")
+
+
+def plan_batches(modules: Sequence[LayerSpec], *, rank: Optional[int] = None, method: str = "fedmomentum",
+                 solver: str = "auto", residual: str = "factored", residual_energy: float = 1.0,
+                 budget: Optional[int] = None, lookahead: int = LOOKAHEAD) -> list[list[int]]:
+    """Group module indices into the batches :func:`run_plan` solves together.
+
+    A batch starts at the first module not yet planned and takes the same-shaped modules (same
+    ``m``, ``n``, client ranks, scalings) among the next ``lookahead`` ones, when the method is
+    batchable (:attr:`~fedmomentum_core.methods.MethodSpec.batchable`), keeps the whole residual
+    (``residual_energy`` 1) and its solver resolves to ``exact``; everything else is a batch of one.
+    A batch holds at most :data:`fedmomentum_core.methods.BATCH_BYTES` of fp32 stacked factors
+    and, with ``budget`` (bytes), at most ``budget`` of
+    :func:`fedmomentum_core.cost.module_memory_bytes` estimates. Batches come in the order of
+    their first module, so results can be handed on in module order.
+    """
+    traits = get_method(method)
+    specs = list(modules)
+    done = [False] * len(specs)
+    out: list[list[int]] = []
+    for i, spec in enumerate(specs):
+        if done[i]:
+            continue
+        done[i] = True
+        batch = [i]
+        r = rank if rank is not None else max(spec.ranks)
+        if traits.batchable and residual_energy >= 1.0 and _batch_solver(spec, r, solver, residual) == "exact":
+            R = sum(spec.ranks)
+            stacked = (spec.m + spec.n) * R * 4
+            need = _cost.module_memory_bytes(spec.m, spec.n, spec.ranks, max(1, min(r, spec.m, spec.n, R)),
+                                             "exact", itemsize=4)
+            cap = max(1, BATCH_BYTES // max(1, stacked))
+            if budget is not None:
+                cap = min(cap, max(1, budget // max(1, need)))
+            key = (spec.m, spec.n, tuple(spec.ranks), tuple(spec.scalings))
+            for j in range(i + 1, min(len(specs), i + 1 + lookahead)):
+                if len(batch) >= cap:
+                    break
+                o = specs[j]
+                if not done[j] and (o.m, o.n, tuple(o.ranks), tuple(o.scalings)) == key:
+                    done[j] = True
+                    batch.append(j)
+        out.append(batch)
+    return out
+
+
 def run_plan(plan: Any, load_factors: FactorLoader, load_other: Optional[TensorLoader] = None, *,
              rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
              residual: str = "factored", progress: bool = False, profile: bool = False,
              on_module: Optional[Callable[[ModuleResult], None]] = None, keep_residuals: bool = True,
              max_memory: Union[str, int, None] = None, out_use_rslora: bool = False,
              make_config: Optional[Callable[[Sequence[ModuleResult]], dict]] = None,
-             **layer_kwargs) -> ModelAggregation:
-    """Aggregate every module of ``plan``, loading one module's client factors at a time.
+             lookahead: int = LOOKAHEAD, **layer_kwargs) -> ModelAggregation:
+    """Aggregate every module of ``plan``, same-shaped modules in batches, loading factors lazily.
 
     ``plan`` has ``modules`` (:class:`LayerSpec` s), ``p`` (normalised weights), ``clients``
     (names for errors), ``other_keys`` (per client, the non-LoRA keys to average) and
@@ -254,59 +359,84 @@ def run_plan(plan: Any, load_factors: FactorLoader, load_other: Optional[TensorL
     results (residuals already dropped; empty dict when not given): the binding that knows the
     adapter format supplies it. ``out_use_rslora``: output alpha = s·√r instead of s·r.
 
-    ``load_factors(spec)`` returns ``(B_list, A_list)`` for that module (lora_B, lora_A per client);
-    ``load_other(key)`` the K tensors of a non-LoRA key (averaged with p_k). ``on_module`` sees each
-    :class:`ModuleResult` as it is produced (e.g. to stream or merge its residual at once);
-    ``keep_residuals=False`` then drops each residual after ``on_module`` (memory: one module). With
-    ``progress`` a tqdm bar runs over the modules; ``profile`` adds per-module read time and byte
-    counts to :class:`ModuleReport.info` (the report is stored either way) and fills the
-    report's ``flops``, ``bytes`` and ``peak_memory_bytes`` (:mod:`fedmomentum_core.profiling`).
+    Modules run in the batches of :func:`plan_batches` (``lookahead``): a batch's factors are
+    loaded (``load_factors(spec)`` returns ``(B_list, A_list)``, lora_B and lora_A per client) and
+    solved together by :func:`aggregate_modules` (:func:`fedmomentum_core.aggregate_layers`, the
+    batched engine the benchmarks time); a batch of one by :func:`aggregate_module`.
+    ``on_module`` sees each :class:`ModuleResult` in module order, once (e.g. to stream or merge its
+    residual at once; the object is never changed afterwards); ``keep_residuals=False`` then keeps
+    no residual (memory: one batch plus results waiting for their turn). ``load_other(key)`` gives
+    the K tensors of a non-LoRA key (averaged with p_k). With ``progress`` a tqdm bar runs over the
+    modules; ``profile`` adds per-module read time and byte counts to :class:`ModuleReport.info`
+    (the report is stored either way) and fills the report's ``flops``, ``bytes`` and
+    ``peak_memory_bytes`` (the peak growth while the module's batch was read and aggregated).
     ``max_memory`` (e.g. ``"2GB"``) is a budget for the memory this call holds on top of its
-    inputs' storage: one module's factors and work at a time plus the outputs kept until the end;
-    it is checked from the shapes before anything is read (ValueError naming the module that
-    cannot fit, or saying that the kept outputs alone exceed it).
+    inputs' storage: the outputs kept until the end plus one batch's factors and work, batches
+    sized to fit; it is checked from the shapes before anything is read (ValueError naming the
+    module that cannot fit, or saying that the kept outputs alone exceed it).
     """
     check_method_residual(method, residual)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"rank must be an int or None, got {type(rank).__name__}")
+    specs = list(plan.modules)
+    room = None
     if max_memory is not None:
-        check_budget(plan.modules, max_memory, rank=rank, solver=solver, residual=residual)
+        budget, kept = check_budget(specs, max_memory, rank=rank, solver=solver, residual=residual)
+        room = budget - kept
+    batches = plan_batches(specs, rank=rank, method=method, solver=solver, residual=residual,
+                           residual_energy=float(layer_kwargs.get("residual_energy", 1.0)), budget=room,
+                           lookahead=lookahead)
     out_rs = bool(out_use_rslora)
     t_all = time.perf_counter()
-    it: Iterable[LayerSpec] = plan.modules
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(plan.modules, desc=f"aggregate ({method})", unit="module")
-        it = bar
+        bar = tqdm(total=len(specs), desc=f"aggregate ({method})", unit="module")
     results: list[ModuleResult] = []
     state: dict[str, torch.Tensor] = {}
     residuals: dict[str, LowRank] = {}
+    ready: dict[int, ModuleResult] = {}
+    common = dict(rank=rank, method=method, solver=solver, residual=residual, out_use_rslora=out_rs,
+                  clients=plan.clients)
     try:
-        for spec in it:
+        for batch in batches:
             pm = _profiling.PeakMemory("cpu") if profile else contextlib.nullcontext()
             with pm:
-                t0 = time.perf_counter()
-                B, A = load_factors(spec)
-                t_read = time.perf_counter() - t0
-                res = aggregate_module(spec, B, A, plan.p, rank=rank, method=method, solver=solver,
-                                       residual=residual, out_use_rslora=out_rs, clients=plan.clients,
-                                       read_seconds=t_read, **layer_kwargs)
-            if profile:
-                res.report.info["input_bytes"] = sum(t.numel() * t.element_size() for t in list(B) + list(A))
-                res.report.info["residual_bytes"] = 0 if res.residual is None else res.residual.nbytes
-                _attach_profile(res.report, B[0].element_size() if len(B) else 4, pm.delta_bytes,
-                                residual == "factored")
-            del B, A
-            if max_memory is not None:  # a kept scratch buffer is not in the next module's estimate
+                factors, reads = [], []
+                for i in batch:
+                    t0 = time.perf_counter()
+                    factors.append(load_factors(specs[i]))
+                    reads.append(time.perf_counter() - t0)
+                if len(batch) == 1:
+                    (B, A), = factors
+                    done = [aggregate_module(specs[batch[0]], B, A, plan.p, read_seconds=reads[0],
+                                             **common, **layer_kwargs)]
+                else:
+                    done = aggregate_modules([specs[i] for i in batch], factors, plan.p, read_seconds=reads,
+                                             **common, **layer_kwargs)
+            for (B, A), res in zip(factors, done):
+                if profile:
+                    res.report.info["input_bytes"] = sum(t.numel() * t.element_size() for t in list(B) + list(A))
+                    res.report.info["residual_bytes"] = 0 if res.residual is None else res.residual.nbytes
+                    _attach_profile(res.report, B[0].element_size() if len(B) else 4, pm.delta_bytes,
+                                    residual == "factored")
+            del factors
+            B = A = None  # noqa: F841 - drop the last module's factors before the next batch
+            if max_memory is not None:  # a kept scratch buffer is not in the next batch's estimate
                 _release_workspace()
-            state.update(res.tensors)
-            if res.residual is not None and keep_residuals:
-                residuals[spec.name] = res.residual
-            if on_module is not None:
-                on_module(res)
-            # kept once, in ``residuals``; the callback's object is never changed after the call
-            results.append(dataclasses.replace(res, residual=None))
+            ready.update(zip(batch, done))
+            del done
+            while len(results) in ready:  # hand results on in module order
+                res = ready.pop(len(results))
+                state.update(res.tensors)
+                if res.residual is not None and keep_residuals:
+                    residuals[res.report.name] = res.residual
+                if on_module is not None:
+                    on_module(res)
+                # kept once, in ``residuals``; the callback's object is never changed after the call
+                results.append(dataclasses.replace(res, residual=None))
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -352,9 +482,11 @@ def average_tensors(keys: Iterable[str], load: TensorLoader, p: Sequence[float],
     return out
 
 
-def check_budget(modules: Sequence[LayerSpec], max_memory, *, rank, solver: str, residual: str) -> None:
+def check_budget(modules: Sequence[LayerSpec], max_memory, *, rank, solver: str, residual: str
+                 ) -> tuple[int, int]:
     """Raise ValueError when ``modules`` cannot run within ``max_memory`` bytes (estimates of
-    :func:`fedmomentum_core.profiling.module_memory_bytes`, fp32 factors assumed: conservative)."""
+    :func:`fedmomentum_core.cost.module_memory_bytes`, fp32 factors assumed: conservative).
+    Returns ``(budget, kept)``: the budget in bytes and the outputs kept until the end."""
     budget = _profiling.parse_memory(max_memory)
     kept = 0
     worst, worst_name = 0, ""
@@ -362,8 +494,8 @@ def check_budget(modules: Sequence[LayerSpec], max_memory, *, rank, solver: str,
         r = rank if rank is not None else max(spec.ranks)
         R = sum(spec.ranks)
         r = max(1, min(r, spec.m, spec.n))
-        s = solver if solver in ("exact", "randomized", "dense") else choose_solver(spec.m, spec.n, R, r)
-        need = _profiling.module_memory_bytes(spec.m, spec.n, spec.ranks, r, s, itemsize=4)
+        s = solver if solver in ("exact", "randomized", "dense") else _cost.choose_solver(spec.m, spec.n, R, r)
+        need = _cost.module_memory_bytes(spec.m, spec.n, spec.ranks, r, s, itemsize=4)
         if need > budget:
             raise ValueError(f"module {spec.name!r} ({spec.m} x {spec.n}, R={R}) alone needs about "
                              f"{_profiling._fmt_bytes(need)} to aggregate but max_memory is "
@@ -379,5 +511,4 @@ def check_budget(modules: Sequence[LayerSpec], max_memory, *, rank, solver: str,
                          f"outputs kept until the end (new adapter + residuals) need about "
                          f"{_profiling._fmt_bytes(kept)} and the largest module ({worst_name}) "
                          f"{_profiling._fmt_bytes(worst)} more; raise max_memory, or discard the residual")
-
-
+    return budget, kept
