@@ -50,7 +50,6 @@ Wire format
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from logging import ERROR, INFO, WARNING
@@ -64,10 +63,13 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 import fedmomentum
-from fedmomentum_core import METHODS, SOLVERS, LowRank
+from fedmomentum_core import SOLVERS, LowRank, get_method
+
+from .peft import merge as _merge
+from .peft import rules as _rules
 
 __all__ = ["FedMomentumStrategy", "apply_server_update", "RESIDUAL_RECORD_PREFIX",
-           "MERGED_THROUGH_ATTR", "residual_records"]
+           "MERGED_THROUGH_ATTR", "residual_records", "weight_key"]
 
 #: RecordDict key prefix of the per-round residual ArrayRecords (``...-round-3``).
 RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
@@ -75,8 +77,6 @@ RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
 MERGED_THROUGH_ATTR = "fedmomentum_merged_through"
 _LEFT, _RIGHT = ".residual_left", ".residual_right"
 _RESIDUAL_MODES = ("ship", "server")
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?P<w>\.weight)?$")
 
 
 class _BadReply(Exception):
@@ -86,70 +86,32 @@ class _BadReply(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 def _module_of(key: str) -> Optional[tuple[str, str]]:
-    m = _LORA_KEY.match(key)
-    if not m or bool(m.group("emb")) == bool(m.group("w")):  # lora_A.weight or lora_embedding_A
-        return None
-    return m.group("module"), m.group("ab")
+    """``(module, "A" | "B")`` of a saved-form LoRA factor key, else None (:mod:`fedmomentum.peft.rules`)."""
+    return _rules.parse_saved_key(key)
 
 
-def _live_key(key: str, adapter_name: str) -> str:
-    """PEFT saved key -> live key (``lora_A.weight`` -> ``lora_A.<name>.weight``, embeddings)."""
-    if key.endswith(".weight"):
-        return f"{key[:-len('.weight')]}.{adapter_name}.weight"
-    return f"{key}.{adapter_name}"
+def _module_scaling(cfg: Optional[Mapping], module: str, rank: int) -> float:
+    """The LoRA scale PEFT applies to ``module`` under adapter config ``cfg`` (one rule:
+    :func:`fedmomentum.peft.rules.client_scaling`; ``cfg`` empty or None: scale 1)."""
+    return _rules.client_scaling(dict(cfg) if cfg else None, module, int(rank), client="adapter")[0]
 
 
-def _config_dict(cfg: Any) -> dict:
-    """A LoRA config (peft ``LoraConfig``, dict or None) as a plain dict."""
-    if cfg is None:
-        return {}
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    if hasattr(cfg, "to_dict"):
-        return dict(cfg.to_dict())
-    raise TypeError(f"lora_config must be a peft LoraConfig, a dict or None, got {type(cfg).__name__}")
-
-
-def _pattern_value(pattern: Mapping, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (key matched as a suffix of the module path)."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
-
-
-def _module_scaling(cfg: Mapping, module: str, rank: int) -> float:
-    """The LoRA scale s of ``module`` (α/r, or α/√r with use_rslora) under adapter config ``cfg``."""
-    r = int(rank) if rank else int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 1)))
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def _weight_key(module: str, keys: Iterable[str]) -> Optional[str]:
-    """The base-weight key of adapter module path ``module`` in a (plain or PEFT) state dict."""
+def weight_key(module: str, keys: Iterable[str]) -> Optional[str]:
+    """The base-weight key of adapter module path ``module`` in a (plain or PEFT) state dict, or None."""
     keys = set(keys)
-    stripped = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
-    for cand in (stripped + ".weight", module + ".base_layer.weight",
-                 stripped + ".base_layer.weight", module + ".weight"):
-        if cand in keys:
-            return cand
-    return None
+    return next((c for c in _rules.weight_key_candidates(module) if c in keys), None)
+
+
+_weight_key = weight_key  # the name examples used before it was public
 
 
 def _resolve_weight(model: torch.nn.Module, module: str) -> torch.Tensor:
     """The base ``weight`` parameter of ``module`` in a live model (PeftModel or plain)."""
-    stripped = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
-    for path in (module, stripped, "base_model.model." + stripped):
-        try:
-            sub = model.get_submodule(path)
-        except AttributeError:
-            continue
-        sub = getattr(sub, "base_layer", sub)
-        w = getattr(sub, "weight", None)
-        if isinstance(w, torch.Tensor):
-            return w
-    raise ValueError(f"residual for module {module!r}: no such module with a weight in "
-                     f"{type(model).__name__}")
+    w = _merge.find_base_weight(dict(model.named_modules()), module)
+    if w is None:
+        raise ValueError(f"residual for module {module!r}: no such module with a weight in "
+                         f"{type(model).__name__}")
+    return w
 
 
 def residual_records(residuals: Mapping[str, LowRank]) -> ArrayRecord:
@@ -256,7 +218,7 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
         for key, t in adapter.items():
             if _module_of(key) is None:
                 continue  # non-LoRA entries (modules_to_save, ...): left to PEFT
-            live_key = _live_key(key, adapter_name)
+            live_key = _rules.live_key(key, adapter_name)
             if live_key not in live:
                 raise ValueError(f"adapter key {key!r}: the model has no {live_key!r} "
                                  f"(is it a PeftModel with adapter {adapter_name!r}?)")
@@ -313,8 +275,7 @@ class FedMomentumStrategy(FedAvg):
                  base: Union[torch.nn.Module, Mapping[str, torch.Tensor], None] = None,
                  aggregate_kwargs: Optional[dict] = None, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        get_method(method)  # ValueError naming the choices for an unknown method
         if solver != "auto" and solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose auto or one of {sorted(SOLVERS)}")
         if residual not in _RESIDUAL_MODES:
@@ -325,7 +286,9 @@ class FedMomentumStrategy(FedAvg):
             raise ValueError("residual='server' needs base= (the base model or its state dict) "
                              "to merge the residuals into")
         self.method, self.rank, self.solver, self.residual = method, rank, solver, residual
-        self.lora_config = _config_dict(lora_config)
+        if lora_config is not None and not isinstance(lora_config, Mapping) and not hasattr(lora_config, "to_dict"):
+            raise TypeError(f"lora_config must be a peft LoraConfig, a dict or None, got {type(lora_config).__name__}")
+        self.lora_config = _rules.config_dict(lora_config, client="lora_config") or {}
         self.aggregate_kwargs = dict(aggregate_kwargs or {})
         self._base: Optional[dict[str, torch.Tensor]] = None
         if base is not None:
@@ -340,7 +303,6 @@ class FedMomentumStrategy(FedAvg):
         self._expected: Optional[dict[str, tuple[int, ...]]] = None
         self._adapter: Optional[dict[str, torch.Tensor]] = None
         self._adapter_config: dict = dict(self.lora_config)
-        self._adapter_scalings: dict[str, float] = {}
         self.last_aggregation = None
         self.round_metrics: dict[int, dict[str, float]] = {}
 
@@ -524,8 +486,6 @@ class FedMomentumStrategy(FedAvg):
             self._residual_rounds[server_round] = residuals
         self._adapter = {k: v.detach().clone() for k, v in agg.state_dict.items()}
         self._adapter_config = {**self.lora_config, **dict(getattr(agg, "config", None) or {})}
-        self._adapter_scalings = {r.name: float(r.out_scaling) for r in agg.report
-                                  if getattr(r, "out_scaling", None) is not None}
         self.last_aggregation = agg
 
         energies = [float(r.energy_kept) for r in agg.report
@@ -553,7 +513,7 @@ class FedMomentumStrategy(FedAvg):
         assert self._base is not None
         plan = []
         for name, lr in residuals.items():
-            key = _weight_key(name, self._base)
+            key = weight_key(name, self._base)
             if key is None:
                 raise ValueError(f"residual for module {name!r}: no matching weight in the "
                                  "server's base state dict")
@@ -591,12 +551,11 @@ class FedMomentumStrategy(FedAvg):
             for name, p in pairs.items():
                 if "A" not in p or "B" not in p:
                     continue
-                key = _weight_key(name, out)
+                key = weight_key(name, out)
                 if key is None:
                     raise ValueError(f"adapter module {name!r}: no matching weight in base")
-                s = self._adapter_scalings.get(name)
-                if s is None:
-                    s = _module_scaling(self._adapter_config, name, int(p["A"].shape[0]))
+                # the scale PEFT applies when it loads this adapter with its config
+                s = _module_scaling(self._adapter_config, name, int(p["A"].shape[0]))
                 delta = s * (p["B"].to(torch.float64) @ p["A"].to(torch.float64))
                 w = out[key]
                 fan_in_fan_out = bool(self._adapter_config.get("fan_in_fan_out", False))

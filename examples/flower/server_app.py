@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 import task
-from fedmomentum.flower import FedMomentumStrategy, _weight_key
+from fedmomentum.flower import FedMomentumStrategy, weight_key
 
 
 class CheckedFedMomentum(FedMomentumStrategy):
@@ -38,7 +38,7 @@ class CheckedFedMomentum(FedMomentumStrategy):
             diff = 0.0
             for sd in got.values():
                 for name, w in sd.items():
-                    ref = server[_weight_key(name, server)].to(torch.float32)
+                    ref = server[weight_key(name, server)].to(torch.float32)
                     diff = max(diff, float((w - ref).abs().max()))
             self.max_abs_diff[server_round] = diff
         return super().aggregate_evaluate(server_round, replies)
