@@ -25,7 +25,7 @@ from .cost import (BASELINES, baseline_bytes, baseline_flops, choose_solver, gra
                    module_memory_bytes, solver_bytes, solver_flops)
 from .cost import baseline_memory_bytes as _baseline_memory_bytes  # noqa: F401
 from .shapes import ModelShapes, ModuleShape, model_shapes
-from .solvers import release_workspace as _release_workspace
+from .linalg import release_workspace as _release_workspace
 
 __all__ = [
     "solver_flops", "solver_bytes", "baseline_flops", "baseline_bytes", "module_memory_bytes",

@@ -329,25 +329,23 @@ def test_batched_fallbacks_stay_per_layer():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("need_tail", [True, False])
-def test_one_pass_core_matches_general_path(monkeypatch, dtype, need_tail):
-    """The one-pass R x R stage (solvers._fast_core: both sides' equilibrated Cholesky in one batch,
+def test_one_pass_core_matches_general_path(dtype, need_tail):
+    """The one-pass R x R stage (linalg.exact._fast_core: both sides' equilibrated Cholesky in one batch,
     coefficients folded into the small matrices, triangular solve instead of an inverse) gives the
     general path's singular values and subspaces, and U·(σV)ᵀ rebuilds the fp64 ΔW, with
     heterogeneous ranks, a negative scaling and several layers in one batch."""
-    from fedmomentum_core import solvers
+    from fedmomentum_core.linalg import solve_exact_batch
+    from fedmomentum_core.options import SolverTuning
     from fedmomentum_core.validate import validate_layer
     ranks = [3, 5, 2, 4]
     layers = [make_clients(70, 50, ranks, seed=200 + i) for i in range(3)]
     scal = [0.5, -1.5, 2.0, 1.0]
     inps = [validate_layer(B, A, [1, 2, 3, 4], scalings=scal, out_scaling=1.0) for B, A in layers]
-    fast = solvers.solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail)
+    fast = solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail)
     assert all(f.info["basis"] == ("cholesky", "cholesky") for f in fast)
-    calls = []
-    real = solvers._fast_core
-    monkeypatch.setattr(solvers, "_fast_core", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(solvers, "FAST_CORE", False)
-    slow = solvers.solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail)
-    assert calls == []  # FAST_CORE=False really took the general path
+    assert all(f.info["core"] == "one-pass" for f in fast)
+    slow = solve_exact_batch(inps, 4, dtype=dtype, need_tail=need_tail, tuning=SolverTuning(fast_core=False))
+    assert all(g.info["core"] == "general" for g in slow)  # fast_core=False really took the general path
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for (B, A), f, g in zip(layers, fast, slow):
         ref = reference_delta(B, A, [1, 2, 3, 4], scal)
@@ -371,10 +369,11 @@ def test_one_pass_core_matches_general_path(monkeypatch, dtype, need_tail):
 
 
 def test_scratch_stacks_are_never_returned():
-    """The factored path stacks into a buffer reused from call to call (solvers._workspace): a
+    """The factored path stacks into a buffer reused from call to call (linalg.workspace): a
     later call, of the same or another shape, must leave every earlier result intact."""
-    from fedmomentum_core import solvers
-    assert solvers.WORKSPACE
+    from fedmomentum_core.linalg import release_workspace, thread_workspace
+    from fedmomentum_core.options import SolverTuning
+    assert SolverTuning().workspace
     first = make_clients(96, 80, [4, 6, 5], seed=11)
     second = make_clients(96, 80, [4, 6, 5], seed=12)
     third = make_clients(120, 64, [8, 8], seed=13)
@@ -388,13 +387,16 @@ def test_scratch_stacks_are_never_returned():
     ref = reference_delta(*first)
     got = res.B.double() @ res.A.double() + res.residual.to_dense().double()
     assert rel_err(got, ref) < 1e-5
-    # the buffer is reused: the second call's stacks sit where the first call's did
-    key = ("left", torch.float32)
-    buf = solvers._WS.bufs[key]
+    # the buffer is kept (and not grown by a same-shaped call); release frees it
+    held = thread_workspace().nbytes
+    assert held >= 4 * (96 + 80) * 15
     fm.aggregate_lora(*second, rank=4)
-    assert solvers._WS.bufs[key].data_ptr() == buf.data_ptr()
-    solvers.release_workspace()
-    assert not solvers._WS.bufs
+    assert thread_workspace().nbytes == held
+    release_workspace()
+    assert thread_workspace().nbytes == 0
+    from fedmomentum_core import aggregate_layer
+    aggregate_layer(*second, rank=4, tuning=SolverTuning(workspace=False))
+    assert thread_workspace().nbytes == 0  # workspace=False: stacks allocated per call
 
 
 def test_scratch_stacks_are_per_thread():
