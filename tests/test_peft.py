@@ -25,6 +25,7 @@ from peft import PeftModel  # noqa: E402
 import fedmomentum as fm  # noqa: E402
 from fedmomentum.cli import main as cli_main  # noqa: E402
 from fedmomentum.peft import aggregate_adapters, load_residuals, merge_residuals_  # noqa: E402
+from fedmomentum.safe_io import MARKER_FILE, write_marker  # noqa: E402
 from peft_helpers import (build_clients, build_gpt2_base, build_llama_base, input_ids, load_base,  # noqa: E402
                           logits, reference_model, rel_err)
 
@@ -246,13 +247,14 @@ def test_bad_inputs_clear_error_nothing_written(llama, tmp_path, case):
     out = tmp_path / "round" / "out"
     out.mkdir(parents=True)
     (out / "previous.txt").write_text("round 1")  # an existing out_dir must stay as it was
+    write_marker(out, "round1", "adapter")  # an earlier output of ours: replaceable with overwrite=True
     merged = tmp_path / "round" / "merged"
     with pytest.raises(ValueError) as ei:
-        aggregate_adapters(dirs, out, residual="merge", base_model=llama["base"], merged_out=merged)
+        aggregate_adapters(dirs, out, residual="merge", base_model=llama["base"], merged_out=merged, overwrite=True)
     msg = str(ei.value)
     for pat in patterns:
         assert re.search(pat, msg), (pat, msg)
-    assert os.listdir(out) == ["previous.txt"] and (out / "previous.txt").read_text() == "round 1"
+    assert sorted(os.listdir(out)) == [MARKER_FILE, "previous.txt"] and (out / "previous.txt").read_text() == "round 1"
     assert sorted(os.listdir(tmp_path / "round")) == ["out"]  # no merged_out, no temporary folders
 
 

@@ -340,14 +340,15 @@ def uninstall_dir(target: Path, held: Optional[Path], new_home: Path) -> None:
 def remove_stale(target: PathLike) -> list[str]:
     """Remove a killed run's ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings of ``target`` (call it
     holding the target's lock). A target left missing by a kill between the two renames of the
-    fallback install is first restored from its newest ``.old-*``. Returns what it did."""
+    fallback install is first restored from its newest ``.old-*`` that holds an output of ours.
+    Returns what it did."""
     t = Path(target)
     if not t.parent.is_dir():
         return []
     pat = re.compile(_STALE.format(name=re.escape(t.name)))
     stale = [t.parent / n for n in os.listdir(t.parent) if pat.match(n)]
     done = []
-    olds = sorted((p for p in stale if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    olds = sorted((p for p in stale if ".old-" in p.name and is_own_output(p)), key=lambda p: p.stat().st_mtime)
     if olds and not os.path.lexists(t):
         os.rename(olds[-1], t)
         stale.remove(olds[-1])
@@ -491,8 +492,8 @@ class OutputTransaction:
         self.lock_wait = float(lock_wait)
         self.roles = list(targets)
         self.given = {r: Path(p) for r, p in targets.items()}
-        self.flags = {r: (flags or {}).get(r, "--out" if r == "adapter" else f"--{r.replace('_', '-')}")
-                      for r in self.roles}
+        default_flags = {"adapter": "--out", "merged_base": "--merged-out"}
+        self.flags = {r: (flags or {}).get(r, default_flags.get(r, f"--{r.replace('_', '-')}")) for r in self.roles}
         self.inputs = list(inputs)
         self.overwrite = overwrite
         self.round_id = round_id or new_round_id()

@@ -8,15 +8,38 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
-SUBCOMMANDS = ["demo", "profile", "aggregate", "experiment"]
+SUBCOMMANDS = ["demo", "profile", "aggregate", "verify", "experiment"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fedmomentum aggregate: error: ... (see --help)``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an exception: its message, an OSError's path, the type where the message is empty."""
+    if isinstance(e, OSError) and (e.filename or e.strerror):
+        from ..safe_io import describe_os_error
+        return _one_line(describe_os_error(e))
+    msg = _one_line(str(e))
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError)):
+        return msg or type(e).__name__
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedmomentum",
         description="Exact, fast FedMomentum aggregation of federated LoRA adapters.",
         epilog="Environment: the CLI recycles freed round buffers instead of having the kernel "
@@ -31,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit code. Every error is one line on stderr
+    (``fedmomentum COMMAND: error: ...``), never a traceback (``FEDMOMENTUM_TRACEBACK=1`` re-raises
+    unexpected errors for debugging); exit 1 for errors, 2 for bad arguments, 130 when interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help/--version (0) or a one-line usage error (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -42,6 +71,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .alloc import cli_allocator_setup
         cli_allocator_setup()
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"fedmomentum {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"fedmomentum {args.command}: interrupted; nothing was installed by this run", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI turns every error into one line
+        expected = isinstance(e, (ValueError, TypeError, OSError))
+        if not expected and os.environ.get("FEDMOMENTUM_TRACEBACK"):
+            raise
+        print(f"fedmomentum {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 1

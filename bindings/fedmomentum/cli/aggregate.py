@@ -1,6 +1,7 @@
 """``fedmomentum aggregate``: aggregate PEFT LoRA adapter folders into one adapter (+ residual)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -12,6 +13,26 @@ def _weights(text: str) -> list[float]:
         raise ValueError(f"--weights must be comma-separated numbers like 1,2,3, got {text!r}") from None
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """--no-progress also silences transformers' own bars (loading and saving the base model)."""
+    if not quiet:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def register(sub) -> None:
     from fedmomentum_core import METHODS
 
@@ -20,7 +41,9 @@ def register(sub) -> None:
                        description="Aggregate K PEFT LoRA adapter folders (adapter_model.safetensors + "
                        "adapter_config.json) with FedMomentum or a baseline; reads one module at a time.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="client adapter folders")
-    p.add_argument("--out", required=True, metavar="DIR", help="output adapter folder (written atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output adapter folder: created (an empty folder is used); written into a temporary "
+                        "sibling and renamed; never a client folder, the base model, or a folder holding them")
     p.add_argument("--weights", default=None, metavar="W1,W2,...",
                    help="client weights, e.g. sample counts 1,2,3 (normalised; default uniform)")
     p.add_argument("--rank", type=int, default=None, metavar="R",
@@ -34,6 +57,10 @@ def register(sub) -> None:
                    "to --merged-out; discard: drop it (reported)")
     p.add_argument("--base-model", default=None, metavar="DIR", help="transformers model folder (merge)")
     p.add_argument("--merged-out", default=None, metavar="DIR", help="where the merged base model goes (merge)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out / --merged-out when they hold an earlier fedmomentum output (a folder "
+                        "with fedmomentum_output.json); a folder fedmomentum did not write is never replaced")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -50,9 +77,11 @@ def run(args) -> int:
         main_rank = True
 
     w = _weights(args.weights) if args.weights is not None else None
-    agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
-                             solver=args.solver, residual=args.residual, base_model=args.base_model,
-                             merged_out=args.merged_out, progress=True, keep_residuals=False)
+    with _quiet_transformers(args.no_progress and args.residual == "merge"):
+        agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
+                                 solver=args.solver, residual=args.residual, base_model=args.base_model,
+                                 merged_out=args.merged_out, progress=not args.no_progress, keep_residuals=False,
+                                 overwrite=args.overwrite)
     if not main_rank:  # rank 0 wrote the output and prints the summary
         return 0
     print(agg.summary())

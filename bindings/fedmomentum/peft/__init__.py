@@ -62,16 +62,15 @@ included, fp32; ``residual.safetensors`` stores them as ``<module>.residual_left
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Optional, Sequence
 
 from fedmomentum_core.plan import ModelAggregation, ModuleResult
 
+from .. import safe_io as _safe
 from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT_FILE, RESIDUAL_FILE, RESIDUAL_METADATA, PathLike,
                  SafetensorsStreamWriter, _fill_adapter_dir, _install, _tmp_next_to, load_module_factors,
-                 load_other_tensors, load_residuals, open_adapter_files, read_adapter_config, report_json,
-                 save_residuals, write_adapter_dir)
+                 load_other_tensors, load_residuals, open_adapter_files, output_transaction, read_adapter_config,
+                 report_json, save_residuals, write_adapter_dir, write_outputs)
 from .merge import load_base_model, merge_base_model, merge_residuals_, save_model
 from .plan import (AdapterPlan, ModelPlan, ModuleSpec, RESIDUAL_MODES, aggregate_adapter_module, aggregate_plan,
                    check_adapter_args, check_adapter_paths, plan_adapters, plan_modules)
@@ -82,7 +81,8 @@ __all__ = [
     "SafetensorsStreamWriter",
     "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
     "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
-    "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES",
+    "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES", "write_outputs",
+    "output_transaction",
 ]
 
 #: kept for code that used the private name
@@ -93,13 +93,16 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
                        rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
                        residual: str = "save", base_model: Optional[PathLike] = None,
                        merged_out: Optional[PathLike] = None, progress: bool = False,
-                       profile: bool = False, keep_residuals: bool = True,
+                       profile: bool = False, keep_residuals: bool = True, overwrite: bool = False,
                        **layer_kwargs) -> ModelAggregation:
     """Aggregate K PEFT LoRA adapter folders into one adapter folder ``out_dir``.
 
     Args:
         adapter_dirs: K folders with ``adapter_model.safetensors`` + ``adapter_config.json``.
-        out_dir: where the new adapter goes (written atomically; replaced if it exists).
+        out_dir: where the new adapter goes (written into a temporary sibling, then renamed). It may
+            not be, contain or lie inside a client folder or the base model; an existing non-empty
+            ``out_dir`` (and ``merged_out``) is replaced only when it is an earlier fedmomentum output
+            (it holds ``fedmomentum_output.json``) and ``overwrite=True`` (see :mod:`fedmomentum.safe_io`).
         weights: K non-negative numbers (e.g. sample counts), normalised; None = uniform.
         rank: output rank (default: per module, the clients' max rank).
         method, solver: see ``fedmomentum.aggregate_lora``.
@@ -122,62 +125,73 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
     memory. What is kept until the end is the output (the new rank-r adapter and, unless
     ``residual="discard"`` or ``keep_residuals=False``, each module's factored residual of rank
     ≤ R − r, returned in ``ModelAggregation.residuals``); ``residual="merge"`` additionally loads
-    the base model. On any error (bad input: a clear
-    ValueError naming the client folder and module) neither ``out_dir`` nor ``merged_out`` is
-    created or modified. Returns the :class:`~fedmomentum_core.plan.ModelAggregation`.
+    the base model. Every output check runs before any input is read, under a lock per output
+    folder (a concurrent run on the same folder fails with :class:`~fedmomentum.safe_io.OutputError`).
+    On any error (bad input: a clear ValueError naming the client folder and module) neither
+    ``out_dir`` nor ``merged_out`` is created or modified. With ``residual="merge"`` the two folders
+    are one transaction: both carry the same round id in their marker, the merged base is installed
+    first and put back if the adapter's install fails; a kill between the two installs is reported by
+    ``fedmomentum verify`` and by every later run that uses or replaces either folder. Warnings
+    (logger ``fedmomentum``) for a client folder given twice, clients with identical tensors, and
+    clients naming different ``base_model_name_or_path``. Returns the :class:`~fedmomentum_core.plan.ModelAggregation`.
     """
     check_adapter_args(adapter_dirs, out_dir, residual=residual, method=method, base_model=base_model,
                        merged_out=merged_out)
     check_adapter_paths(out_dir, residual=residual, base_model=base_model, merged_out=merged_out)
-    aplan = plan_adapters(adapter_dirs, weights)
-    core_residual = "none" if residual == "discard" else "factored"
-    target = Path(out_dir)
-    tmp = _tmp_next_to(target)
-    writer = None
-    merged_tmp = None
-    try:
-        model = None
-        on_module = None
-        if not keep_residuals and residual == "save":
-            writer = SafetensorsStreamWriter(tmp / RESIDUAL_FILE, metadata=RESIDUAL_METADATA)
+    merge = residual == "merge"
+    # every output check (overlap with the inputs, foreign folder, --overwrite, file, read-only,
+    # lock) runs here, before any input is read
+    with output_transaction(out_dir, merged_out if merge else None, overwrite=overwrite,
+                            adapter_dirs=adapter_dirs, base_model=base_model if merge else None) as txn:
+        if merge:
+            _safe.check_input_folder(base_model, "base model")
+        for w in _safe.input_warnings(adapter_dirs):
+            _safe.log.warning("fedmomentum: warning: %s", w)
+        aplan = plan_adapters(adapter_dirs, weights)
+        _safe.test_pause("planned")
+        core_residual = "none" if residual == "discard" else "factored"
+        tmp = txn.tmp("adapter")
+        writer = None
+        try:
+            model = None
+            on_module = None
+            if not keep_residuals and residual == "save":
+                writer = SafetensorsStreamWriter(tmp / RESIDUAL_FILE, metadata=RESIDUAL_METADATA)
 
-            def on_module(res: ModuleResult) -> None:
-                if res.residual is not None:
-                    writer.add(f"{res.report.name}.residual_left", res.residual.left)
-                    writer.add(f"{res.report.name}.residual_right", res.residual.right)
-        elif not keep_residuals and residual == "merge":
-            model = load_base_model(base_model)  # merged module by module; written only at the end
+                def on_module(res: ModuleResult) -> None:
+                    if res.residual is not None:
+                        writer.add(f"{res.report.name}.residual_left", res.residual.left)
+                        writer.add(f"{res.report.name}.residual_right", res.residual.right)
+            elif not keep_residuals and merge:
+                model = load_base_model(base_model)  # merged module by module; written only at the end
 
-            def on_module(res: ModuleResult) -> None:
-                if res.residual is not None:
-                    merge_residuals_(model, {res.report.name: res.residual})
-        with open_adapter_files(aplan) as handles:
-            agg = aggregate_plan(aplan.plan, lambda spec: load_module_factors(aplan, spec, handles),
-                                 lambda key: load_other_tensors(aplan, handles, key), rank=rank,
-                                 method=method, adapter_note=True, solver=solver, residual=core_residual,
-                                 progress=progress, profile=profile, on_module=on_module,
-                                 keep_residuals=keep_residuals, **layer_kwargs)
-        if writer is not None:
-            writer.close()
-            if not writer.count:
-                (tmp / RESIDUAL_FILE).unlink()
-            writer = None
+                def on_module(res: ModuleResult) -> None:
+                    if res.residual is not None:
+                        merge_residuals_(model, {res.report.name: res.residual})
+            with open_adapter_files(aplan) as handles:
+                agg = aggregate_plan(aplan.plan, lambda spec: load_module_factors(aplan, spec, handles),
+                                     lambda key: load_other_tensors(aplan, handles, key), rank=rank,
+                                     method=method, adapter_note=True, solver=solver, residual=core_residual,
+                                     progress=progress, profile=profile, on_module=on_module,
+                                     keep_residuals=keep_residuals, **layer_kwargs)
+            _safe.test_pause("aggregated")
+            if writer is not None:
+                writer.close()
+                if not writer.count:
+                    (tmp / RESIDUAL_FILE).unlink()
+                writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        rep = report_json(agg)
+        rep["round_id"] = txn.round_id
         _fill_adapter_dir(tmp, agg.state_dict, agg.config,
-                          agg.residuals if (residual == "save" and keep_residuals) else None, report_json(agg))
-        if residual == "merge":
+                          agg.residuals if (residual == "save" and keep_residuals) else None, rep)
+        if merge:
             if model is None:
-                merge_base_model(base_model, agg.residuals, merged_out)
-            else:
-                merged_tmp = _tmp_next_to(Path(merged_out))
-                save_model(model, base_model, merged_tmp)
-                _install(merged_tmp, Path(merged_out))
-                merged_tmp = None
-        _install(tmp, target)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if merged_tmp is not None:
-            shutil.rmtree(merged_tmp, ignore_errors=True)
-        raise
+                model = load_base_model(base_model)
+                merge_residuals_(model, agg.residuals)
+            save_model(model, base_model, txn.tmp("merged_base"))
+        txn.commit()
     return agg

@@ -14,13 +14,14 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 from fedmomentum_core.types import LowRank
+
+from .. import safe_io as _safe
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedmomentum_core.plan import ModelAggregation
@@ -31,7 +32,7 @@ __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "RESIDUAL_FILE", "REPORT_FILE", "RESIDUAL_METADATA", "PathLike",
     "read_adapter_config", "read_header", "open_adapter_files", "load_module_factors",
     "load_other_tensors", "write_adapter_dir", "SafetensorsStreamWriter", "save_residuals",
-    "load_residuals", "report_json",
+    "load_residuals", "report_json", "write_outputs", "output_transaction", "output_inputs",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -137,27 +138,19 @@ def load_other_tensors(aplan: "AdapterPlan", handles, key: str) -> list[torch.Te
 # ----------------------------------------------------------------------------- writing
 
 def _tmp_next_to(target: Path) -> Path:
+    """A new temporary folder next to ``target`` (missing parents created; mode from the umask)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
+    return _safe.make_tmp_dir(target)
 
 
 def _install(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the finished folder ``tmp`` (rename; an old ``target`` is removed)."""
-    old = None
-    if target.exists():
-        if not target.is_dir():
-            raise ValueError(f"{str(target)!r} exists and is not a folder")
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=str(target.parent)))
-        os.rmdir(old)
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Replace ``target`` by the finished folder ``tmp`` (atomic exchange; the old one is removed).
+    Low level: it checks nothing (callers go through :class:`fedmomentum.safe_io.OutputTransaction`)."""
+    if os.path.lexists(target) and not Path(target).is_dir():
+        raise ValueError(f"{str(target)!r} exists and is not a folder")
+    held = _safe.install_dir(tmp, target)
+    if held is not None:
+        shutil.rmtree(held, ignore_errors=True)
 
 
 def _plain_tensors(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -280,29 +273,82 @@ def load_residuals(path: PathLike) -> dict[str, LowRank]:
 def write_adapter_dir(out_dir: PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping,
                       residuals: Optional[Mapping[str, LowRank]] = None,
                       report: Optional[list] = None, *, stream_residuals: bool = False,
-                      before_install: Optional[Callable[[], None]] = None) -> Path:
+                      before_install: Optional[Callable[[], None]] = None, overwrite: bool = False,
+                      inputs: Sequence[PathLike] = ()) -> Path:
     """Write an adapter folder atomically: ``adapter_model.safetensors``, ``adapter_config.json``,
-    ``residual.safetensors`` (when ``residuals`` is non-empty) and ``fedmomentum_report.json``.
+    ``residual.safetensors`` (when ``residuals`` is non-empty), ``fedmomentum_report.json`` and the
+    output marker (:data:`fedmomentum.safe_io.MARKER_FILE`).
 
     ``stream_residuals`` writes the residual file with :class:`SafetensorsStreamWriter` in the
     dict's order (the same bytes as residuals streamed module by module during an aggregation).
-    ``before_install()`` runs once the folder is complete, just before it is renamed into place
-    (e.g. to write a merged base model first); if it raises, nothing is installed.
+    ``before_install()`` runs once the folder is complete, just before it is renamed into place;
+    if it raises, nothing is installed. To write an adapter and a merged base model as one
+    transaction use :func:`write_outputs` instead.
 
-    Everything is written into a temporary folder next to ``out_dir`` and renamed into place at the
-    end (an existing ``out_dir`` is replaced); on error the temporary folder is removed.
+    The folder is written into a temporary sibling and renamed into place (see
+    :mod:`fedmomentum.safe_io`): an existing ``out_dir`` is replaced only when it is an earlier
+    fedmomentum output and ``overwrite=True``; it may not overlap the folders in ``inputs``.
     """
-    target = Path(out_dir)
-    tmp = _tmp_next_to(target)
+    return write_outputs(out_dir, state_dict, config, residuals, report, stream_residuals=stream_residuals,
+                         before_install=before_install, overwrite=overwrite, inputs=inputs)
+
+
+def output_inputs(adapter_dirs: Sequence[PathLike] = (), base_model: Optional[PathLike] = None
+                  ) -> list[tuple[str, PathLike]]:
+    """The (label, folder) list of a run's inputs, for the output checks."""
+    out: list[tuple[str, PathLike]] = [("client", d) for d in adapter_dirs]
+    if base_model is not None:
+        out.append(("base model", base_model))
+    return out
+
+
+def output_transaction(out_dir: PathLike, merged_out: Optional[PathLike] = None, *, overwrite: bool = False,
+                       adapter_dirs: Sequence[PathLike] = (), base_model: Optional[PathLike] = None
+                       ) -> "_safe.OutputTransaction":
+    """The :class:`fedmomentum.safe_io.OutputTransaction` of one round: the adapter folder and, with
+    ``merged_out``, the merged base model (checked against the clients and the base model, locked,
+    stale temporaries removed). Call it before any work; it raises :class:`~fedmomentum.safe_io.OutputError`."""
+    targets = {"adapter": out_dir}
+    if merged_out is not None:
+        targets["merged_base"] = merged_out
+    txn = _safe.OutputTransaction(targets, inputs=output_inputs(adapter_dirs, base_model), overwrite=overwrite)
+    for note in txn.notes:
+        _safe.log.warning("fedmomentum: warning: %s", note)
+    return txn
+
+
+def write_outputs(out_dir: PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping,
+                  residuals: Optional[Mapping[str, LowRank]] = None, report: Optional[Mapping] = None, *,
+                  stream_residuals: bool = False, base_model: Optional[PathLike] = None,
+                  merged_residuals: Optional[Mapping[str, LowRank]] = None, merged_out: Optional[PathLike] = None,
+                  before_install: Optional[Callable[[], None]] = None, overwrite: bool = False,
+                  inputs: Sequence[PathLike] = (), txn: Optional["_safe.OutputTransaction"] = None) -> Path:
+    """Write one round's outputs as one transaction: the adapter folder ``out_dir`` (as
+    :func:`write_adapter_dir`) and, when ``merged_out`` is given, ``base_model`` with
+    ``merged_residuals`` merged, saved to ``merged_out``. Both carry the same round id; a failure
+    leaves both as they were. ``inputs``: the client folders (no output may overlap them).
+    ``txn``: an :func:`output_transaction` already opened up front (then ``overwrite``/``inputs``
+    are its own); it is committed and closed here."""
+    own = txn is None
+    if own:
+        txn = output_transaction(out_dir, merged_out, overwrite=overwrite, adapter_dirs=inputs,
+                                 base_model=base_model if merged_out is not None else None)
     try:
-        _fill_adapter_dir(tmp, state_dict, config, residuals, report, stream_residuals=stream_residuals)
+        _fill_adapter_dir(txn.tmp("adapter"), state_dict, config, residuals, report,
+                          stream_residuals=stream_residuals)
+        if merged_out is not None:
+            from .merge import load_base_model, merge_residuals_, save_model
+
+            _safe.check_input_folder(base_model, "base model")
+            model = load_base_model(base_model)
+            merge_residuals_(model, merged_residuals or {})
+            save_model(model, base_model, txn.tmp("merged_base"))
         if before_install is not None:
             before_install()
-        _install(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        txn.commit()
+    finally:
+        txn.close()
+    return Path(out_dir)
 
 
 def _fill_adapter_dir(tmp: Path, state_dict, config, residuals, report, *,

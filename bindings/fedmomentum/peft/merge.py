@@ -11,7 +11,7 @@ import torch
 
 from fedmomentum_core.types import LowRank
 
-from .io import PathLike, _install, _tmp_next_to, load_residuals
+from .io import PathLike, load_residuals
 from .rules import module_path_candidates, relative_module_name
 
 __all__ = ["find_base_weight", "merge_residuals_", "load_base_model", "save_model", "merge_base_model"]
@@ -104,17 +104,24 @@ def save_model(model, base_model: PathLike, folder: Path) -> None:
             shutil.copy2(src, folder / name)
 
 
-def merge_base_model(base_model: PathLike, residuals: Mapping[str, LowRank], merged_out: PathLike) -> Path:
+def merge_base_model(base_model: PathLike, residuals: Mapping[str, LowRank], merged_out: PathLike, *,
+                     overwrite: bool = False) -> Path:
     """Load the transformers model in ``base_model``, merge ``residuals``, ``save_pretrained`` it to
-    ``merged_out`` atomically (tokenizer files are copied along)."""
-    model = load_base_model(base_model)
-    merge_residuals_(model, residuals)
-    target = Path(merged_out)
-    tmp = _tmp_next_to(target)
-    try:
-        save_model(model, base_model, tmp)
-        _install(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    ``merged_out`` atomically (tokenizer files are copied along).
+
+    ``merged_out`` follows the output rules of :mod:`fedmomentum.safe_io` (checked before the model
+    is loaded): it may not overlap ``base_model``, and an existing one is replaced only when it is an
+    earlier fedmomentum output and ``overwrite=True``. It carries the output marker (role
+    ``merged_base``). To write it together with its adapter use :func:`fedmomentum.peft.write_outputs`."""
+    from .. import safe_io
+
+    with safe_io.OutputTransaction({"merged_base": merged_out}, inputs=[("base model", base_model)],
+                                   overwrite=overwrite) as txn:
+        for note in txn.notes:
+            safe_io.log.warning("fedmomentum: warning: %s", note)
+        safe_io.check_input_folder(base_model, "base model")
+        model = load_base_model(base_model)
+        merge_residuals_(model, residuals)
+        save_model(model, base_model, txn.tmp("merged_base"))
+        txn.commit()
+    return Path(merged_out)
