@@ -14,13 +14,14 @@ transposed, which is only a swap of the two strides. With that view ``B_catᵀB_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 __all__ = ["interpret_mode", "input_precision", "needs_f32_dot", "factor_dtype", "common_dtype", "tall_table",
-           "chunk_table", "pair_table", "client_offsets", "KernelConfig", "config_for"]
+           "chunk_table", "pair_table", "client_offsets", "GpuArch", "GPU_TARGETS", "arch_of", "KernelConfig",
+           "config_for", "stage_bytes", "Launch"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -109,8 +110,65 @@ def pair_table(num_chunks: int, device: torch.device) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class GpuArch:
+    """What the config chooser needs to know about a GPU: its compiler target and its limits.
+
+    ``arch`` is the compute capability as ``major * 10 + minor`` on NVIDIA (90 for H100) or the
+    gfx name on AMD (``"gfx942"`` for MI300X); ``shared_bytes`` is the most shared memory (LDS on
+    AMD) one program may use, the opt-in maximum per block."""
+
+    backend: str  # "cuda" or "hip" (Triton's GPUTarget backend names)
+    arch: int | str
+    warp_size: int
+    shared_bytes: int
+    num_sms: int  # multiprocessors (NVIDIA) / compute units (AMD)
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"sm_{self.arch}" if self.backend == "cuda" else str(self.arch)
+
+
+_KIB = 1024
+#: max shared memory per block (opt-in), bytes, by NVIDIA compute capability (CUDA C++
+#: Programming Guide, "Technical Specifications per Compute Capability").
+_CUDA_SHARED = {70: 96 * _KIB, 72: 48 * _KIB, 75: 64 * _KIB, 80: 163 * _KIB, 86: 99 * _KIB,
+                87: 163 * _KIB, 89: 99 * _KIB, 90: 227 * _KIB, 100: 227 * _KIB, 103: 227 * _KIB,
+                120: 99 * _KIB}
+#: LDS per workgroup on AMD CDNA (64 KiB on gfx90a/gfx942; 160 KiB on gfx950).
+_HIP_SHARED = {"gfx90a": 64 * _KIB, "gfx942": 64 * _KIB, "gfx950": 160 * _KIB}
+
+#: The GPUs the kernels are compiled for ahead of time (tests/test_kernels_compile.py).
+GPU_TARGETS: tuple[GpuArch, ...] = (
+    GpuArch("cuda", 80, 32, _CUDA_SHARED[80], 108, "A100"),
+    GpuArch("cuda", 90, 32, _CUDA_SHARED[90], 132, "H100/H200"),
+    GpuArch("cuda", 100, 32, _CUDA_SHARED[100], 148, "B200"),
+    GpuArch("hip", "gfx942", 64, _HIP_SHARED["gfx942"], 304, "MI300X"),
+)
+
+
+def arch_of(device: torch.device | str) -> GpuArch:
+    """The :class:`GpuArch` of a CUDA (or ROCm) device, read from ``torch.cuda``."""
+    dev = torch.device(device)
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    if getattr(torch.version, "hip", None):
+        gfx = str(getattr(props, "gcnArchName", "gfx942")).split(":")[0]
+        warp = int(getattr(props, "warp_size", 64) or 64)
+        return GpuArch("hip", gfx, warp, _HIP_SHARED.get(gfx, 64 * _KIB), sms, props.name)
+    cc = props.major * 10 + props.minor
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    shared = int(optin) if optin else _CUDA_SHARED.get(cc, 48 * _KIB)
+    return GpuArch("cuda", cc, 32, shared, sms, props.name)
+
+
+@dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch settings (GPU or interpreter)."""
+    """Tile sizes and launch settings (GPU or interpreter).
+
+    ``num_warps``/``num_stages`` launch the kernels with one output tile per program
+    (``lowrank_accumulate_``, the expand product); ``reduce_warps``/``reduce_stages`` the kernels
+    that walk a long reduction over rows into a small tile (the Gram, the shrink product)."""
 
     block_m: int
     block_n: int
@@ -120,13 +178,81 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     target_programs: int  # split long reductions until about this many programs run
+    reduce_warps: int = 4
+    reduce_stages: int = 1
 
 
-def config_for(device: torch.device) -> KernelConfig:
-    """Small tiles in the interpreter (so tests cross tile edges on tiny shapes), big on GPU."""
-    if device.type != "cuda" or interpret_mode():
-        return KernelConfig(block_m=32, block_n=32, block_t=16, block_r=32, block_l=16,
-                            num_warps=4, num_stages=1, target_programs=8)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return KernelConfig(block_m=128, block_n=128, block_t=32, block_r=128, block_l=64,
-                        num_warps=8, num_stages=3, target_programs=4 * sms)
+def stage_bytes(cfg: KernelConfig, elem: int) -> tuple[int, int]:
+    """Shared memory one pipeline stage buffers, ``(tile kernels, reduce kernels)``, for ``elem``-byte operands.
+
+    Tile kernels stage a ``block_m x block_t`` and a ``block_t x block_n`` tile; reduce kernels a
+    ``block_r x block_t`` tile and a ``block_r x max(block_t, block_l)`` tile (Gram: two
+    ``block_t``-wide tiles; shrink: ``block_t`` and ``block_l``, ``mat`` always fp32)."""
+    tile = (cfg.block_m * cfg.block_t + cfg.block_t * cfg.block_n) * elem
+    red = (cfg.block_r * cfg.block_t + cfg.block_r * max(cfg.block_t, cfg.block_l)) * 4
+    return tile, red
+
+
+def _fit_stages(want: int, per_stage: int, budget: int) -> int:
+    """The most pipeline stages (at most ``want``, at least 1) whose buffers fit ``budget``."""
+    return max(1, min(want, budget // max(per_stage, 1)))
+
+
+def config_for(device: torch.device | GpuArch, operands: torch.dtype = torch.float32) -> KernelConfig:
+    """The launch config for ``device`` (a torch device or a :class:`GpuArch`) and the dtype of the
+    operands ``tl.dot`` will see (``operands``: fp32, or the bf16/fp16 of the factors).
+
+    Small tiles in the interpreter (so tests cross tile edges on tiny shapes), whatever the dtype.
+    On a GPU the choice depends on the target and the operands:
+
+    * threads: 256 per program (8 warps of 32 on NVIDIA, 4 wavefronts of 64 on AMD), so registers
+      per thread are the same on both;
+    * tiles: 128 x 128 output tiles with 32-wide reduction steps for bf16/fp16 operands; for fp32
+      operands 64 x 128 with 16-wide steps: with fp32 the 128 x 128 x 32 tile needs more than the
+      255 registers a thread has on NVIDIA and spills (ptxas, both IEEE fp32 and TF32);
+    * the reduce kernels (Gram, shrink) walk rows 64 at a time (128 rows of fp32 spill on sm_80);
+    * pipeline stages: as many as the per-block shared memory (LDS) holds, at most 3 on NVIDIA and
+      2 on AMD (Triton's HIP default: its stream pipeliner needs no more to hide global loads);
+    * ``target_programs``: 4 programs per multiprocessor / compute unit.
+
+    tests/test_kernels_compile.py compiles every kernel with the config each target gets here, for
+    every operand dtype, and checks shared memory, registers and spills against the target's limits."""
+    if isinstance(device, GpuArch):
+        arch = device
+    else:
+        device = torch.device(device)
+        if device.type != "cuda" or interpret_mode():
+            return KernelConfig(block_m=32, block_n=32, block_t=16, block_r=32, block_l=16,
+                                num_warps=4, num_stages=1, target_programs=8)
+        arch = arch_of(device)
+    warps = 256 // arch.warp_size
+    wide = operands == torch.float32
+    base = KernelConfig(block_m=64 if wide else 128, block_n=128, block_t=16 if wide else 32, block_r=64,
+                        block_l=64, num_warps=warps, num_stages=3, target_programs=4 * arch.num_sms,
+                        reduce_warps=warps, reduce_stages=3)
+    depth = 3 if arch.backend == "cuda" else 2
+    tile, red = stage_bytes(base, 4 if wide else 2)
+    return replace(base, num_stages=_fit_stages(depth, tile, arch.shared_bytes),
+                   reduce_stages=_fit_stages(depth, red, arch.shared_bytes))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, planned: what ``kernel[grid](*args, **constexprs, num_warps=…, num_stages=…)`` gets.
+
+    The launchers build it with their ``plan_*`` function and run it; the ahead-of-time compile
+    check (:mod:`._compile`) builds it with the same function and compiles it for a named GPU
+    instead, so the kernel signatures it compiles are the launchers' own."""
+
+    kernel: object  # a triton JITFunction
+    config: KernelConfig  # the config it was planned with (grid and constexprs already follow it)
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    keep: tuple = ()  # tensors the table's raw pointers point into (upcast copies): alive until launched
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)

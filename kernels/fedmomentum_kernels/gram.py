@@ -1,8 +1,8 @@
 """Gram of the weighted stacked factors, ``B_catᵀ B_cat`` or ``A_cat A_catᵀ`` (Triton).
 
-Layout: :func:`_stacked_gram_kernel` (``@triton.jit``) → :func:`launch_stacked_gram` (grid,
-tables, split of the long reduction) → :func:`stacked_gram` / :func:`batched_stacked_gram`
-(what ``fedmomentum_kernels`` calls on the Triton backend). Torch reference:
+Layout: :func:`_stacked_gram_kernel` (``@triton.jit``) → :func:`launch_stacked_gram`
+(:func:`plan_stacked_gram`: grid, tables, split of the long reduction; then the launch) →
+:func:`stacked_gram` / :func:`batched_stacked_gram` (what ``fedmomentum_kernels`` calls on the Triton backend). Torch reference:
 :func:`fedmomentum_kernels.reference.stacked_gram`.
 
 Both sides are the same computation on the *tall view* (``rows x t_k``; see
@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import (chunk_table, common_dtype, config_for, input_precision, needs_f32_dot, pair_table,
-                      tall_table)
+from ._tables import (GpuArch, Launch, chunk_table, common_dtype, config_for, input_precision,
+                      needs_f32_dot, pair_table, tall_table)
 
-__all__ = ["stacked_gram", "batched_stacked_gram", "launch_stacked_gram"]
+__all__ = ["stacked_gram", "batched_stacked_gram", "launch_stacked_gram", "plan_stacked_gram"]
 
 
 @triton.jit
@@ -99,12 +99,12 @@ def _splits(rows: int, programs: int, block_r: int, target: int) -> tuple[int, i
     return -(-rows // per), per
 
 
-def launch_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
-                        side: str, splits: int | None = None) -> torch.Tensor:
-    """L x T x T fp32 Grams of the stacked factors of L same-shaped layers (one launch).
-
-    ``layers[l][k]`` is client k's factor in layer l; every layer has the same client widths.
-    ``splits`` forces the number of row slices (tests); default: enough to fill the GPU."""
+def plan_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]], side: str,
+                      target: torch.device | GpuArch, precision: str,
+                      splits: int | None = None) -> tuple[torch.Tensor, Launch | None]:
+    """``(partials, launch)``: the S x L x T x T fp32 buffer the launch fills (zeros, S = 1, when
+    there is nothing to launch) and the :class:`Launch` (None then). ``precision`` is ``tl.dot``'s
+    for fp32 factors (bf16/fp16 factors get ``"ieee"``, which ``tl.dot`` ignores for them)."""
     dev = layers[0][0].device
     flat, _ = common_dtype([f for fs in layers for f in fs], f"{side} factor")
     K = len(layers[0])
@@ -113,11 +113,14 @@ def launch_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequen
     widths = [f.shape[1] if side == "left" else f.shape[0] for f in layers[0]]
     rows = layers[0][0].shape[0] if side == "left" else layers[0][0].shape[1]
     T = sum(widths)
-    cfg = config_for(dev)
+    # One dtype on both sides of every tl.dot (fp32, or bf16/fp16 with fp32 accumulation).
+    cast = needs_f32_dot(flat[0].dtype)
+    fp32_dot = cast or flat[0].dtype == torch.float32
+    cfg = config_for(target, torch.float32 if fp32_dot else flat[0].dtype)
     chunks = chunk_table(widths, cfg.block_t, dev)
     C = chunks.shape[0]
     if C == 0 or rows == 0:
-        return torch.zeros(L, T, T, dtype=torch.float32, device=dev)
+        return torch.zeros(1, L, T, T, dtype=torch.float32, device=dev), None
     pairs = pair_table(C, dev)
     P = pairs.shape[0]
     if splits is None:
@@ -128,15 +131,26 @@ def launch_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequen
     g = torch.zeros(S, L, T, T, dtype=torch.float32, device=dev)
     tab = tall_table(layers, side, dev)
     coef = torch.tensor([[float(c) for c in cs] for cs in coeffs], dtype=torch.float32).reshape(-1).to(dev)
-    # One dtype on both sides of every tl.dot (fp32, or bf16/fp16 with fp32 accumulation).
-    cast = needs_f32_dot(flat[0].dtype)
-    _stacked_gram_kernel[(P, L, S)](
-        g, tab, coef, chunks, pairs, flat[0], K, rows, per,
-        g.stride(0), g.stride(1), g.stride(2), g.stride(3),
-        CAST_F32=cast, INPUT_PRECISION=input_precision(dev),
-        BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t,
-        num_warps=4, num_stages=cfg.num_stages)
-    return g[0] if S == 1 else g.sum(dim=0)
+    launch = Launch(_stacked_gram_kernel, cfg, (P, L, S),
+                    (g, tab, coef, chunks, pairs, flat[0], K, rows, per,
+                     g.stride(0), g.stride(1), g.stride(2), g.stride(3)),
+                    dict(CAST_F32=cast, INPUT_PRECISION=precision if fp32_dot else "ieee",
+                         BLOCK_R=cfg.block_r, BLOCK_T=cfg.block_t),
+                    cfg.reduce_warps, cfg.reduce_stages, keep=(flat,))
+    return g, launch
+
+
+def launch_stacked_gram(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
+                        side: str, splits: int | None = None) -> torch.Tensor:
+    """L x T x T fp32 Grams of the stacked factors of L same-shaped layers (one launch).
+
+    ``layers[l][k]`` is client k's factor in layer l; every layer has the same client widths.
+    ``splits`` forces the number of row slices (tests); default: enough to fill the GPU."""
+    dev = layers[0][0].device
+    g, launch = plan_stacked_gram(layers, coeffs, side, dev, input_precision(dev), splits)
+    if launch is not None:
+        launch()
+    return g[0] if g.shape[0] == 1 else g.sum(dim=0)
 
 
 def stacked_gram(factors: Sequence[torch.Tensor], coeffs: Sequence[float], side: str,

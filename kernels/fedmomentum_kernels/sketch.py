@@ -12,7 +12,8 @@ one of two kernels:
   (chunk of one client's columns, column tile of ``mat``, layer, row slice); the long reduction
   over rows is split into slices whose fp32 partials are summed afterwards.
 
-Layout per kernel: ``_name_kernel`` (``@triton.jit``) → ``launch_*`` (grid, tables, checks)
+Layout per kernel: ``_name_kernel`` (``@triton.jit``) → ``launch_*`` (``plan_*``: grid, tables,
+checks; then the launch)
 → the functions ``fedmomentum_kernels`` calls (:func:`stacked_matmul`, :func:`stacked_matmul_t`,
 and their ``batched_*`` forms, whose grid carries the layer index). ``mat`` is used in fp32; the
 factors are read in their own dtype and multiplied in fp32. Torch references:
@@ -26,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tables import chunk_table, client_offsets, common_dtype, config_for, input_precision, tall_table
+from ._tables import (GpuArch, Launch, chunk_table, client_offsets, common_dtype, config_for, input_precision,
+                      tall_table)
 from .gram import _splits
 
 __all__ = ["stacked_matmul", "stacked_matmul_t", "batched_stacked_matmul", "batched_stacked_matmul_t",
-           "launch_stacked_expand", "launch_stacked_shrink"]
+           "launch_stacked_expand", "launch_stacked_shrink", "plan_stacked_expand", "plan_stacked_shrink"]
 
 
 @triton.jit
@@ -61,7 +63,6 @@ def _stacked_expand_kernel(
         t = tl.load(row + 3)
         c = tl.load(coef_ptr + layer * num_clients + k)
         off = tl.load(off_ptr + k)
-        part = tl.zeros((BLOCK_R, BLOCK_L), dtype=tl.float32)
         for t0 in range(0, t, BLOCK_T):
             tt = t0 + offs_t
             mask_t = tt < t
@@ -71,8 +72,8 @@ def _stacked_expand_kernel(
                         mask=mask_t[:, None] & mask_c[None, :], other=0.0)
             if CAST_F32:
                 x = x.to(tl.float32)
-            part = tl.dot(x, y, part, input_precision=INPUT_PRECISION)
-        acc += c * part
+            # c folds into the fp32 factor tile: one accumulator for all clients
+            acc = tl.dot(x * c, y, acc, input_precision=INPUT_PRECISION)
     tl.store(out_ptr + layer * stride_ol + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc,
              acc, mask=mask_r[:, None] & mask_c[None, :])
 
@@ -138,47 +139,58 @@ def _coef_table(coeffs, device) -> torch.Tensor:
     return torch.tensor([[float(c) for c in cs] for cs in coeffs], dtype=torch.float32).reshape(-1).to(device)
 
 
-def launch_stacked_expand(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
-                          side: str, mats: torch.Tensor) -> torch.Tensor:
-    """``out[l] = Σ_k c_k Tall_k @ mats[l, off_k:off_k+t_k]``: L x rows x ncols fp32, one launch.
-
-    ``mats`` is an L x T x ncols fp32 tensor (any strides)."""
+def plan_stacked_expand(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]], side: str,
+                        mats: torch.Tensor, target: torch.device | GpuArch,
+                        precision: str) -> tuple[torch.Tensor, Launch | None]:
+    """``(out, launch)`` for :func:`launch_stacked_expand` (launch None: ``out`` is already final)."""
     layers, K, widths, rows, T = _prepare(layers, side)
     L, ncols = len(layers), mats.shape[2]
     dev = mats.device
     out = torch.empty(L, rows, ncols, dtype=torch.float32, device=dev)
     if rows == 0 or ncols == 0:
-        return out
+        return out, None
     if T == 0:
-        return out.zero_()
-    cfg = config_for(dev)
+        return out.zero_(), None
+    cfg = config_for(target, torch.float32)  # the factor tile is used in fp32 (mats is fp32)
     tab = tall_table(layers, side, dev)
     offs = client_offsets(widths, dev)
     n_tiles_c = triton.cdiv(ncols, cfg.block_l)
     grid = (triton.cdiv(rows, cfg.block_m) * n_tiles_c, L)
     f0 = layers[0][0]
-    _stacked_expand_kernel[grid](
-        out, tab, _coef_table(coeffs, dev), offs, mats, f0, K, rows, ncols, n_tiles_c,
-        out.stride(0), out.stride(1), out.stride(2), mats.stride(0), mats.stride(1), mats.stride(2),
-        CAST_F32=f0.dtype != torch.float32, INPUT_PRECISION=input_precision(dev),
-        BLOCK_R=cfg.block_m, BLOCK_L=cfg.block_l, BLOCK_T=cfg.block_t,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = Launch(_stacked_expand_kernel, cfg, grid,
+                    (out, tab, _coef_table(coeffs, dev), offs, mats, f0, K, rows, ncols, n_tiles_c,
+                     out.stride(0), out.stride(1), out.stride(2), mats.stride(0), mats.stride(1), mats.stride(2)),
+                    dict(CAST_F32=f0.dtype != torch.float32, INPUT_PRECISION=precision,
+                         BLOCK_R=cfg.block_m, BLOCK_L=cfg.block_l, BLOCK_T=cfg.block_t),
+                    cfg.num_warps, cfg.num_stages, keep=(layers,))
+    return out, launch
+
+
+def launch_stacked_expand(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
+                          side: str, mats: torch.Tensor) -> torch.Tensor:
+    """``out[l] = Σ_k c_k Tall_k @ mats[l, off_k:off_k+t_k]``: L x rows x ncols fp32, one launch.
+
+    ``mats`` is an L x T x ncols fp32 tensor (any strides)."""
+    dev = mats.device
+    out, launch = plan_stacked_expand(layers, coeffs, side, mats, dev, input_precision(dev))
+    if launch is not None:
+        launch()
     return out
 
 
-def launch_stacked_shrink(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
-                          side: str, mats: torch.Tensor, splits: int | None = None) -> torch.Tensor:
-    """``out[l, off_a + chunk] = c_a Tall_a[:, chunk]ᵀ @ mats[l]``: L x T x ncols fp32, one launch.
-
-    ``mats`` is an L x rows x ncols fp32 tensor. ``splits`` forces the number of row slices (tests)."""
+def plan_stacked_shrink(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]], side: str,
+                        mats: torch.Tensor, target: torch.device | GpuArch, precision: str,
+                        splits: int | None = None) -> tuple[torch.Tensor, Launch | None]:
+    """``(partials, launch)`` for :func:`launch_stacked_shrink`: the S x L x T x ncols fp32 buffer
+    the launch fills (zeros, S = 1, when there is nothing to launch) and the launch (None then)."""
     layers, K, widths, rows, T = _prepare(layers, side)
     L, ncols = len(layers), mats.shape[2]
     dev = mats.device
-    cfg = config_for(dev)
+    cfg = config_for(target, torch.float32)  # the factor tile is used in fp32 (mats is fp32)
     chunks = chunk_table(widths, cfg.block_t, dev)
     C = chunks.shape[0]
     if C == 0 or ncols == 0 or rows == 0:
-        return torch.zeros(L, T, ncols, dtype=torch.float32, device=dev)
+        return torch.zeros(1, L, T, ncols, dtype=torch.float32, device=dev), None
     n_tiles_c = triton.cdiv(ncols, cfg.block_l)
     if splits is None:
         S, per = _splits(rows, C * n_tiles_c * L, cfg.block_r, cfg.target_programs)
@@ -188,14 +200,26 @@ def launch_stacked_shrink(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequ
     out = torch.zeros(S, L, T, ncols, dtype=torch.float32, device=dev)
     tab = tall_table(layers, side, dev)
     f0 = layers[0][0]
-    _stacked_shrink_kernel[(C * n_tiles_c, L, S)](
-        out, tab, _coef_table(coeffs, dev), chunks, mats, f0, K, rows, per, ncols, n_tiles_c,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        mats.stride(0), mats.stride(1), mats.stride(2),
-        CAST_F32=f0.dtype != torch.float32, INPUT_PRECISION=input_precision(dev),
-        BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l, BLOCK_T=cfg.block_t,
-        num_warps=4, num_stages=cfg.num_stages)
-    return out[0] if S == 1 else out.sum(dim=0)
+    launch = Launch(_stacked_shrink_kernel, cfg, (C * n_tiles_c, L, S),
+                    (out, tab, _coef_table(coeffs, dev), chunks, mats, f0, K, rows, per, ncols, n_tiles_c,
+                     out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+                     mats.stride(0), mats.stride(1), mats.stride(2)),
+                    dict(CAST_F32=f0.dtype != torch.float32, INPUT_PRECISION=precision,
+                         BLOCK_R=cfg.block_r, BLOCK_L=cfg.block_l, BLOCK_T=cfg.block_t),
+                    cfg.reduce_warps, cfg.reduce_stages, keep=(layers,))
+    return out, launch
+
+
+def launch_stacked_shrink(layers: Sequence[Sequence[torch.Tensor]], coeffs: Sequence[Sequence[float]],
+                          side: str, mats: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    """``out[l, off_a + chunk] = c_a Tall_a[:, chunk]ᵀ @ mats[l]``: L x T x ncols fp32, one launch.
+
+    ``mats`` is an L x rows x ncols fp32 tensor. ``splits`` forces the number of row slices (tests)."""
+    dev = mats.device
+    out, launch = plan_stacked_shrink(layers, coeffs, side, mats, dev, input_precision(dev), splits)
+    if launch is not None:
+        launch()
+    return out[0] if out.shape[0] == 1 else out.sum(dim=0)
 
 
 def _as_mats(mats: torch.Tensor) -> torch.Tensor:
