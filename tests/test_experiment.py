@@ -1,4 +1,4 @@
-"""The federated fine-tuning experiment (fedmomentum.experiments, ``fedmomentum experiment``).
+"""The federated fine-tuning experiment (fedmomentum.experiment, ``fedmomentum experiment``).
 
 A tiny config-built BERT with the real MiniLM tokenizer and a small stratified subset of the real
 BBC News data runs the same code path as the full experiment: 2 clients, 2 rounds, every method.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fedmomentum
-from fedmomentum import experiments as ex
+from fedmomentum import experiment as ex
 from fedmomentum.cli import main as cli_main
 
 ALL = ["fedmomentum", "fedit", "ffa_lora", "fedsa_lora", "flora", "fedex_lora", "florist"]

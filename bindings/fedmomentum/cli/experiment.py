@@ -3,7 +3,7 @@
 Writes ``OUT/convergence.csv`` (method, round, seed, train_loss, eval_accuracy, eval_loss,
 aggregation_seconds, energy_kept), ``OUT/convergence.png`` (accuracy and loss vs round, mean ±
 std over seeds), ``OUT/summary.md`` (final accuracy and rounds to target per method) and
-``OUT/config.json``. See :mod:`fedmomentum.experiments` for what is simulated.
+``OUT/config.json``. See :mod:`fedmomentum.experiment` for what is simulated.
 """
 from __future__ import annotations
 
@@ -73,10 +73,10 @@ def run(args) -> int:
     import torch
 
     from .. import METHODS
-    from .. import experiments as ex
+    from .. import experiment as ex
 
     if args.methods.strip() == "all":
-        methods = tuple(["fedmomentum"] + [m for m in METHODS if m != "fedmomentum"])
+        methods = tuple(dict.fromkeys(["fedmomentum", *METHODS]))  # ours first, then every other
     else:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     cfg = ex.ExperimentConfig(
