@@ -11,8 +11,8 @@ How it works (every step is the same on every rank, so no rank waits for a decis
 1. **Plan.** Every rank reads the K ``adapter_config.json`` files and safetensors *headers*
    (:func:`fedmomentum.peft.plan_adapters`; no tensor data).
 2. **Shard.** :func:`shard_modules` assigns modules to ranks greedily by cost, longest first
-   (LPT), with the cost from the core's model (:func:`module_cost`: the solver's FLOPs from
-   :func:`fedmomentum_core.profiling.solver_flops` plus the factor bytes read). Ties break by
+   (LPT), with the cost from the core's one cost model (:func:`fedmomentum_core.cost.module_cost`:
+   the solver's FLOPs plus the factor bytes read). Ties break by
    module order and rank, so the assignment is deterministic and identical on all ranks.
 3. **Aggregate.** Each rank opens the K safetensors files lazily (``safe_open``) and reads and
    aggregates only its own modules with :func:`fedmomentum_core.plan.run_plan` (one module's K
@@ -63,39 +63,30 @@ from typing import Any, Optional, Sequence
 import torch
 
 from fedmomentum_core.plan import ModelAggregation, ModuleResult, average_tensors, run_plan
-from fedmomentum.peft.plan import ModuleSpec
-from fedmomentum.peft.rules import output_config
-from fedmomentum_core.planner import choose_solver
-from fedmomentum_core.profiling import solver_flops
+from fedmomentum_core import cost as _cost
 from fedmomentum_core.types import LowRank
 
 from . import peft as _peft
+from .peft.plan import ModuleSpec
+from .peft.rules import output_config
+
+#: kept for code that read it here; the value lives in the one cost model
+BYTE_COST = _cost.BYTE_COST
 
 log = logging.getLogger(__name__)
 
 __all__ = ["aggregate_adapters", "shard_modules", "module_cost", "world_size_from_env", "is_distributed",
            "release_process_group"]
 
-#: FLOP-equivalents charged per input byte read in :func:`module_cost` (a machine balance of
-#: ≈ 8 FLOP/byte: a core doing ~10 GFLOP/s on these shapes reads ~1 GB/s of safetensors)
-BYTE_COST = 8.0
-
-
 # ----------------------------------------------------------------------------- sharding
 
 def module_cost(spec: ModuleSpec, rank: Optional[int] = None, solver: str = "auto", *,
                 need_tail: bool = True, itemsize: int = 2) -> float:
-    """Estimated cost of one module (FLOP-equivalents): the solver's FLOPs
-    (:func:`fedmomentum_core.profiling.solver_flops`, ``auto`` resolved by the planner) plus
-    :data:`BYTE_COST` per byte of the K client factors read (``itemsize`` bytes per element)."""
-    R = sum(spec.ranks)
-    r = rank if rank is not None else max(spec.ranks)
-    r = max(1, min(r, spec.m, spec.n, R))
-    s = solver if solver in ("exact", "randomized", "dense") else choose_solver(spec.m, spec.n, R, r,
-                                                                                  need_tail=need_tail)
-    flops = solver_flops(spec.m, spec.n, R, r, s, need_tail=need_tail)["total"]
-    read = sum(rk * (spec.m + spec.n) for rk in spec.ranks) * itemsize
-    return float(flops) + BYTE_COST * float(read)
+    """Estimated cost of one module (FLOP-equivalents): :func:`fedmomentum_core.cost.module_cost`
+    of its shape and client ranks (the solver's FLOPs plus
+    :data:`fedmomentum_core.cost.BYTE_COST` per byte of the K client factors read)."""
+    return _cost.module_cost(spec.m, spec.n, spec.ranks, rank, solver, need_tail=need_tail,
+                             itemsize=itemsize)
 
 
 def shard_modules(modules: Sequence[ModuleSpec], world_size: int, *, rank: Optional[int] = None,
@@ -253,7 +244,7 @@ def aggregate_adapters(adapter_dirs: Sequence[_peft.PathLike], out_dir: _peft.Pa
                        rank: Optional[int] = None, method: str = "fedmomentum", solver: str = "auto",
                        residual: str = "save", base_model: Optional[_peft.PathLike] = None,
                        merged_out: Optional[_peft.PathLike] = None, progress: bool = False,
-                       profile: bool = False, keep_residuals: bool = True,
+                       profile: bool = False, keep_residuals: bool = True, overwrite: bool = False,
                        **layer_kwargs) -> ModelAggregation:
     """Aggregate K PEFT LoRA adapter folders into ``out_dir``, sharded across torch.distributed ranks.
 
@@ -271,17 +262,17 @@ def aggregate_adapters(adapter_dirs: Sequence[_peft.PathLike], out_dir: _peft.Pa
                   merged_out=merged_out, progress=progress, profile=profile, keep_residuals=keep_residuals,
                   **layer_kwargs)
     if not is_distributed():
-        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
+        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, overwrite=overwrite, **kwargs)
     _peft.check_adapter_args(adapter_dirs, out_dir, residual=residual, method=method,
                              base_model=base_model, merged_out=merged_out)
     _init_group()
     if dist.get_world_size() == 1:
-        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, **kwargs)
-    return _run_sharded(adapter_dirs, out_dir, weights, **kwargs)
+        return _peft.aggregate_adapters(adapter_dirs, out_dir, weights, overwrite=overwrite, **kwargs)
+    return _run_sharded(adapter_dirs, out_dir, weights, overwrite=overwrite, **kwargs)
 
 
 def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residual, base_model, merged_out,
-                 progress, profile, keep_residuals, **layer_kwargs) -> ModelAggregation:
+                 progress, profile, keep_residuals, overwrite, **layer_kwargs) -> ModelAggregation:
     import torch.distributed as dist
 
     t_all = time.perf_counter()
@@ -341,7 +332,7 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
             agg = _assemble_and_write(aplan, results, out_dir, rank=rank, method=method, residual=residual,
                                       core_residual=core_residual, base_model=base_model,
                                       merged_out=merged_out, profile=profile, keep_residuals=keep_residuals,
-                                      t_all=t_all)
+                                      t_all=t_all, overwrite=overwrite, adapter_dirs=adapter_dirs)
         except Exception as e:  # noqa: BLE001
             err = e
     _exchange_status(err, "assembling and writing the output", me, group)
@@ -417,7 +408,7 @@ def _run_local_shard(aplan: _peft.AdapterPlan, sub, *, on_module, **kw) -> Model
 
 def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], out_dir, *, rank, method,
                         residual, core_residual, base_model, merged_out, profile, keep_residuals,
-                        t_all) -> ModelAggregation:
+                        t_all, overwrite, adapter_dirs) -> ModelAggregation:
     """Rank 0: the single-process tail of :func:`fedmomentum.peft.aggregate_adapters` on gathered results."""
     plan = aplan.plan
     state: dict[str, torch.Tensor] = {}
@@ -439,14 +430,15 @@ def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], o
                            config=cfg, method=method, residual_mode=mode, seconds=time.perf_counter() - t_all,
                            profile=profile, skipped_keys=list(plan.skipped_keys))
     agg.seconds = time.perf_counter() - t_all
-    merge = None
-    if residual == "merge":
-        def merge() -> None:
-            _peft.merge_base_model(base_model, residuals, merged_out)
-    # keep_residuals=False: the same streamed file as the single-process path (module order)
-    _peft.write_adapter_dir(out_dir, state, cfg, residuals if residual == "save" else None,
-                            _peft.report_json(agg), stream_residuals=not keep_residuals,
-                            before_install=merge)
+    merge = residual == "merge"
+    # one transaction for the adapter and the merged base, as in the single-process path;
+    # keep_residuals=False: the same streamed residual file as that path (module order)
+    _peft.write_outputs(out_dir, state, cfg, residuals if residual == "save" else None,
+                        _peft.report_json(agg), stream_residuals=not keep_residuals,
+                        base_model=base_model if merge else None,
+                        merged_residuals=residuals if merge else None,
+                        merged_out=merged_out if merge else None, overwrite=overwrite,
+                        inputs=list(adapter_dirs))
     if not keep_residuals:
         agg.residuals = {}
     return agg
