@@ -159,7 +159,7 @@ def validate_layer(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
     for k, v in enumerate(w):
         if v < 0:
             raise ValueError(f"{pre}weights[{k}] (client {k}) is {v}; weights must be >= 0")
-    total = math.fsum(w)
+    total = sum(w)
     if not math.isfinite(total):
         raise ValueError(f"{pre}the weights' sum overflows float64 (largest weight {max(w):.6g}, "
                          f"K = {K}); rescale the weights (only their ratios matter), e.g. divide "

@@ -39,7 +39,7 @@ def ffa_lora(inp: LayerInput, opt: Options) -> AggregationResult:
         raise ValueError(f"{opt.prefix}ffa_lora keeps the shared A, so rank must be {r}, got {opt.rank}")
     dt = opt.compute_dtype
     Bbar = weighted_mean(inp.B, [pk * sk / inp.out_scaling for pk, sk in zip(inp.p, inp.s)], dt)
-    return finish(inp, opt, B=Bbar, A=inp.A[0].to(dt),
+    return finish(inp, opt, B=Bbar, A=inp.A[0].to(dt, copy=True),  # never alias a client tensor
                   residual=LowRank.zeros(inp.m, inp.n, dtype=dt, device=inp.device), sv=None,
                   kept=1.0, dropped=0.0, method="ffa_lora", solver="none", exact=True)
 

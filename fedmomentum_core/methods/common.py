@@ -160,8 +160,8 @@ def _check_outputs(inp: LayerInput, opt: Options, parts) -> None:
         if t.dtype != opt.compute_dtype:  # the cast to the output dtype overflowed
             fix = (f"its largest finite value is {torch.finfo(t.dtype).max:.4g}: cast the clients' "
                    f"factors to torch.float32 (or bfloat16: same range as float32) so the adapter "
-                   f"comes back in that dtype, or pass a larger out_scaling (B and A shrink by "
-                   f"√out_scaling)")
+                   f"comes back in that dtype, or pass a larger out_scaling (the adapter's LoRA scale s: "
+                   f"B and A shrink by √s; the adapter config's lora_alpha must then match)")
             if opt.split == "left":
                 fix += ", or split='balanced' (spreads σ over B and A instead of putting it all in B)"
             raise ValueError(f"{opt.prefix}the aggregated adapter overflows the output dtype "
