@@ -35,7 +35,7 @@ Marker file (``fedmomentum_output.json``), one JSON object::
 ``files`` lists every regular file of the folder (top level and below, relative paths) with its
 size, so that :func:`verify_outputs` can tell a complete folder from a damaged one.
 
-Test hook: ``FEDMOMENTUM_TEST_PAUSE_AT=<phase>`` makes :func:`test_pause` print
+Test hook: ``FEDMOMENTUM_TEST_PAUSE_AT=<phase>`` makes :func:`pause_for_tests` print
 ``fedmomentum-test: paused at <phase>`` to stderr and sleep (the kill tests SIGKILL the process
 there). It is read at each call; unset, it costs one ``os.environ`` lookup.
 """
@@ -56,7 +56,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 __all__ = ["MARKER_FILE", "MARKER_FORMAT", "LEGACY_REPORT_FILE", "OutputError", "new_round_id",
            "read_marker", "is_own_output", "write_marker", "check_output_target", "check_input_folder",
            "make_tmp_dir", "install_dir", "remove_stale", "TargetLock", "OutputTransaction",
-           "verify_outputs", "input_warnings", "test_pause", "describe_os_error"]
+           "verify_outputs", "input_warnings", "pause_for_tests", "describe_os_error"]
 
 MARKER_FILE = "fedmomentum_output.json"
 MARKER_FORMAT = "fedmomentum-output/1"
@@ -72,7 +72,7 @@ class OutputError(ValueError):
 
 # ----------------------------------------------------------------------------- small helpers
 
-def test_pause(phase: str) -> None:
+def pause_for_tests(phase: str) -> None:
     """Test hook: sleep at ``phase`` when ``FEDMOMENTUM_TEST_PAUSE_AT`` names it (see module doc)."""
     want = os.environ.get("FEDMOMENTUM_TEST_PAUSE_AT")
     if want and want == phase:
@@ -316,6 +316,7 @@ def install_dir(tmp: PathLike, target: PathLike) -> Optional[Path]:
         os.rmdir(old)
         os.rename(target, old)
         try:
+            pause_for_tests("between-renames")
             os.rename(tmp, target)
         except BaseException:
             os.rename(old, target)
@@ -510,7 +511,7 @@ class OutputTransaction:
         except BaseException:
             self._release()
             raise
-        test_pause("locked")
+        pause_for_tests("locked")
 
     # -- checks
     def _check(self) -> dict[str, Path]:
@@ -569,13 +570,13 @@ class OutputTransaction:
             partner_of = {a: {"role": b, "path": str(self.paths[b])}, b: {"role": a, "path": str(self.paths[a])}}
         for r in self.roles:
             write_marker(self.tmp(r), self.round_id, r, partner_of.get(r), (extra or {}).get(r))
-        test_pause("filled")
+        pause_for_tests("filled")
         installed: list[tuple[str, Optional[Path]]] = []
         try:
             for r in reversed(self.roles):
                 held = install_dir(self._tmps[r], self.paths[r])
                 installed.append((r, held))
-                test_pause(f"installed:{r}")
+                pause_for_tests(f"installed:{r}")
         except BaseException:
             for r, held in reversed(installed):
                 try:
@@ -584,7 +585,7 @@ class OutputTransaction:
                     pass
             raise
         self._committed = True
-        test_pause("committed")
+        pause_for_tests("committed")
         for r, held in installed:
             del self._tmps[r]
             if held is not None:

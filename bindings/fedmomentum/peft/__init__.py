@@ -148,7 +148,7 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
         for w in _safe.input_warnings(adapter_dirs):
             _safe.log.warning("fedmomentum: warning: %s", w)
         aplan = plan_adapters(adapter_dirs, weights)
-        _safe.test_pause("planned")
+        _safe.pause_for_tests("planned")
         core_residual = "none" if residual == "discard" else "factored"
         tmp = txn.tmp("adapter")
         writer = None
@@ -174,7 +174,7 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
                                      method=method, adapter_note=True, solver=solver, residual=core_residual,
                                      progress=progress, profile=profile, on_module=on_module,
                                      keep_residuals=keep_residuals, **layer_kwargs)
-            _safe.test_pause("aggregated")
+            _safe.pause_for_tests("aggregated")
             if writer is not None:
                 writer.close()
                 if not writer.count:
