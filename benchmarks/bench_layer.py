@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 import fedmomentum as fm
-from fedmomentum.cli.demo import synthetic_round
+from fedmomentum_core import SolverTuning, aggregate_layer
 from fedmomentum_core.baselines import dense_full_svd, dense_svd_lowrank
+from fedmomentum_core.synthetic import synthetic_round
 from fedmomentum_core.validate import validate_layer
 
 
@@ -23,6 +24,14 @@ def test_ours(benchmark, layer, solver):
     B, A, w, _ = layer
     res = benchmark(lambda: fm.aggregate_lora(B, A, w, solver=solver))
     assert res.solver == solver
+
+
+@pytest.mark.parametrize("workspace", [True, False])
+def test_exact_scratch_workspace(benchmark, layer, workspace):
+    """The exact solver with its scratch stacks kept between calls (default) or allocated per call."""
+    B, A, w, _ = layer
+    tuning = SolverTuning(workspace=workspace)
+    benchmark(lambda: aggregate_layer(B, A, w, solver="exact", tuning=tuning))
 
 
 def test_paper_dense_svd_lowrank(benchmark, layer):

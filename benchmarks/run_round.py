@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from fedmomentum_core.profiling import profile_round, synthetic_module
+from fedmomentum_core.profiling import profile_round
+from fedmomentum_core.synthetic import synthetic_module
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_name  # noqa: E402
@@ -75,7 +76,7 @@ def breakdown(model: str, clients: int, rank: int, residual: str = "factored") -
     """Self CPU seconds by phase for one layer (7 modules, batched by shape)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from fedmomentum_core.methods import aggregate_layers
+    from fedmomentum_core import aggregate_layers
     shapes = model_shapes(model)
     mods = shapes.layer_modules(0)
     pairs, w = [], None

@@ -4,10 +4,9 @@ records, memory budgets, and :func:`profile_round` (the engine of ``fedmomentum 
 The cost model (FLOPs, bytes, memory estimates) is :mod:`fedmomentum_core.cost`; its names are
 re-exported here.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per measurement); on CPU the
-process's peak resident set (``VmHWM`` in ``/proc/self/status``, reset through
-``/proc/self/clear_refs``), or a sampling thread where the reset is refused. Records report the
-growth over the resident memory at the start of the measurement.
+The peak-memory meter and budgets are :mod:`fedmomentum_core.memory`, the synthetic clients
+:mod:`fedmomentum_core.synthetic`; their names are re-exported here. Records report the peak
+memory growth over the resident memory at the start of the measurement.
 """
 from __future__ import annotations
 
@@ -25,7 +24,11 @@ from .cost import (BASELINES, baseline_bytes, baseline_flops, choose_solver, gra
                    module_memory_bytes, solver_bytes, solver_flops)
 from .cost import baseline_memory_bytes as _baseline_memory_bytes  # noqa: F401
 from .shapes import ModelShapes, ModuleShape, model_shapes
+from .synthetic import client_weights, synthetic_module  # noqa: F401  (re-exported)
 from .linalg import release_workspace as _release_workspace
+from .memory import PeakMemory, current_rss_bytes, parse_memory, plan_chunks  # noqa: F401  (re-exported)
+from .memory import _proc_status_kib, _reset_peak_rss  # noqa: F401
+from .memory import format_bytes as _fmt_bytes
 
 __all__ = [
     "solver_flops", "solver_bytes", "baseline_flops", "baseline_bytes", "module_memory_bytes",
@@ -36,122 +39,6 @@ __all__ = [
 #: accepted dtype names
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# ----------------------------------------------------------------------------- memory
-
-_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9,
-          "gb": 10 ** 9, "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20,
-          "gib": 2 ** 30, "tib": 2 ** 40}
-
-
-def parse_memory(value: Union[str, int, float, None]) -> Optional[int]:
-    """Bytes from ``"2GB"`` (10⁹), ``"2GiB"`` (2³⁰), ``"512MB"``, ``"1.5G"`` or a number of bytes;
-    None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError(f"max_memory must be a size like '2GB' or a number of bytes, got {value!r}")
-    if isinstance(value, (int, float)):
-        b = float(value)
-    elif isinstance(value, str):
-        mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not mt or mt.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read memory size {value!r}; use e.g. '2GB', '1.5GiB', '512MB'")
-        b = float(mt.group(1)) * _UNITS[mt.group(2).lower()]
-    else:
-        raise TypeError(f"max_memory must be a size like '2GB' or a number of bytes, got "
-                        f"{type(value).__name__}")
-    if not math.isfinite(b) or b <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
-    return int(b)
-
-
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process in bytes (``/proc``; ``ru_maxrss`` where there is none)."""
-    kib = _proc_status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    import resource  # pragma: no cover - non-Linux
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return _proc_status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Context manager measuring peak memory on ``device`` while its block runs.
-
-    After the block: ``start_bytes`` (memory at entry), ``peak_bytes`` (absolute peak) and
-    ``delta_bytes = peak_bytes − start_bytes`` (growth; what the block itself held at most).
-    CPU: peak RSS through ``VmHWM`` (reset at entry), else a 1 ms sampling thread; CUDA:
-    ``torch.cuda.max_memory_allocated`` (peak stats reset at entry).
-    """
-
-    def __init__(self, device: Union[str, torch.device] = "cpu"):
-        self.device = torch.device(device)
-        self.start_bytes = 0
-        self.peak_bytes = 0
-        self._thread: Optional[threading.Thread] = None
-        self._stop = threading.Event()
-        self._sampled = 0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-            return self
-        self.start_bytes = current_rss_bytes()
-        self._hwm = _reset_peak_rss()
-        if not self._hwm:
-            self._sampled = self.start_bytes
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._sampled = max(self._sampled, current_rss_bytes())
-
-    def read(self) -> int:
-        """The peak so far (absolute bytes)."""
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self._thread is not None:
-            return max(self._sampled, current_rss_bytes())
-        return max((_proc_status_kib("VmHWM") or 0) * 1024, current_rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.peak_bytes = self.read()
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    @property
-    def delta_bytes(self) -> int:
-        return max(0, self.peak_bytes - self.start_bytes)
-
 
 # ----------------------------------------------------------------------------- records
 
@@ -209,65 +96,7 @@ def module_record(name: str, m: int, n: int, ranks: Sequence[int], rank: int, so
                          batch_size=int(batch_size))
 
 
-# ----------------------------------------------------------------------------- planning
-
-def plan_chunks(items: Sequence[Any], need: Callable[[Any], int], budget: Optional[int], *,
-                label: Callable[[Any], str] = str, max_items: Optional[int] = None) -> list[list[Any]]:
-    """Split ``items`` (in order) into consecutive chunks whose summed ``need(item)`` stays within
-    ``budget`` bytes (None = one chunk of at most ``max_items``). ValueError naming the item when
-    one alone needs more than the budget."""
-    chunks: list[list[Any]] = []
-    cur: list[Any] = []
-    used = 0
-    for it in items:
-        b = int(need(it))
-        if budget is not None and b > budget:
-            raise ValueError(f"module {label(it)} alone needs about {_fmt_bytes(b)} to aggregate but "
-                             f"the memory budget is {_fmt_bytes(budget)}; raise max_memory to at least "
-                             f"{_fmt_bytes(b)}")
-        full = (budget is not None and used + b > budget) or (max_items is not None and len(cur) >= max_items)
-        if cur and full:
-            chunks.append(cur)
-            cur, used = [], 0
-        cur.append(it)
-        used += b
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-def _fmt_bytes(b: float, digits: int = 2) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(b) < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.{digits}f} {unit}"
-        b /= 1024
-    return f"{b:.{digits}f} TiB"  # pragma: no cover
-
-
-# ----------------------------------------------------------------------------- synthetic rounds
-
-def synthetic_module(m: int, n: int, clients: int, rank: int, *, dtype: torch.dtype = torch.bfloat16,
-                     seed: int = 0, index: int = 0, device: Union[str, torch.device] = "cpu"
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
-    """Seeded synthetic client factors of one module, like trained LoRA: A uniform(±1/√n)
-    (kaiming-like), B uniform(±0.02·√3), the round's per-client sample counts (:func:`client_weights`) as weights.
-    ``(seed, index)`` fixes the draw, so module ``index`` is the same however modules are batched."""
-    dev = torch.device(device)
-    g = torch.Generator(device=dev)
-    g.manual_seed((int(seed) * 1_000_003 + int(index) * 7_919) % (2 ** 63))
-    sb, sa = 0.02 * math.sqrt(3.0), 1.0 / math.sqrt(n)
-    B, A = [], []
-    for _ in range(clients):
-        B.append(torch.rand(m, rank, generator=g, device=dev).mul_(2 * sb).sub_(sb).to(dtype))
-        A.append(torch.rand(rank, n, generator=g, device=dev).mul_(2 * sa).sub_(sa).to(dtype))
-    return B, A, client_weights(clients, seed)
-
-
-def client_weights(clients: int, seed: int = 0) -> list[int]:
-    """Seeded per-client sample counts in [50, 500): the weights of every module of a round."""
-    g = torch.Generator().manual_seed(int(seed) + 12345)
-    return torch.randint(50, 500, (clients,), generator=g).tolist()
-
+# ----------------------------------------------------------------------------- profile_round
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -275,12 +104,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _aggregate_many(pairs, weights, names, *, batched: bool = True, **kw):
-    """Batched-by-shape aggregation when the core has it (``aggregate_layers``), else a loop."""
-    from . import methods
-    fn = getattr(methods, "aggregate_layers", None)
-    if batched and fn is not None:
-        return list(fn(pairs, weights, names=names, **kw))
-    return [methods.aggregate_layer(B, A, weights, name=nm, **kw) for (B, A), nm in zip(pairs, names)]
+    """Batched-by-shape aggregation (``aggregate_layers``), or a loop of ``aggregate_layer``."""
+    from .engine import aggregate_layer, aggregate_layers
+    if batched:
+        return list(aggregate_layers(pairs, weights, names=names, **kw))
+    return [aggregate_layer(B, A, weights, name=nm, **kw) for (B, A), nm in zip(pairs, names)]
 
 
 def _gram_floor(B: list[torch.Tensor], A: list[torch.Tensor], device: torch.device) -> float:
@@ -340,15 +168,7 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
     summed time of the two Gram GEMMs per module (``gram_floor_seconds``).
     """
     shapes = model if isinstance(model, ModelShapes) else model_shapes(model, targets=targets)
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ValueError(f"dtype must be one of bf16, fp16, fp32, got {dtype!r}")
-        tdtype = DTYPES[dtype.lower()]
-    elif dtype in (torch.bfloat16, torch.float16, torch.float32):
-        tdtype = dtype
-    else:
-        raise TypeError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    dname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[tdtype]
+    tdtype, dname = _profile_dtype(dtype)
     for what, v in (("clients", clients), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
@@ -365,46 +185,118 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
     for c in compare:
         if c not in BASELINES:
             raise ValueError(f"unknown baseline {c!r}; choose from {list(BASELINES)}")
+    if residual not in ("factored", "stacked", "none"):
+        raise ValueError(f"residual must be 'factored', 'stacked' or 'none', got {residual!r}")
     budget = parse_memory(max_memory)
-    itemsize = tdtype.itemsize
-    ranks = [rank] * clients
-    R = rank * clients
-    out_rank = min(rank, min(min(t.m, t.n) for t in shapes.layer_modules(0)))
+    rnd = _Round(shapes=shapes, clients=clients, rank=rank, dtype=tdtype, device=dev, seed=seed,
+                 solver=solver, residual=residual, n_layers=n_layers)
+    chunks = _chunks(rnd, budget, layers_at_once)
+    run = _aggregate_chunks(rnd, chunks, batched=batched, gram_floor=gram_floor,
+                            release=budget is not None, progress=progress)
+    baselines = {c: _baseline(rnd, c, run.records, baseline_layers, progress) for c in compare}
+    records = run.records
+    per_layer = run.seconds / n_layers
+    report: dict[str, Any] = {
+        "model": shapes.model, "clients": clients, "rank": rank, "dtype": dname, "device": str(dev),
+        "modules": [rec.to_dict() for rec in records],
+        "round_seconds": run.seconds,
+        "round_seconds_extrapolated": per_layer * shapes.num_layers,
+        "extrapolated": n_layers < shapes.num_layers,
+        "layers_measured": n_layers, "num_layers": shapes.num_layers,
+        "solver": solver, "residual": residual, "batched": batched, "max_memory_bytes": budget,
+        "chunks": len(chunks),
+        "totals": {"seconds": run.seconds, "flops": sum(r_.flops for r_ in records),
+                   "bytes": sum(r_.bytes for r_ in records),
+                   "peak_memory_bytes": max((r_.peak_memory_bytes for r_ in records), default=0),
+                   "peak_process_memory_bytes": run.peak,
+                   "solvers": sorted({r_.solver for r_ in records})},
+        "baselines": baselines,
+        "threads": torch.get_num_threads(),
+    }
+    if gram_floor:
+        report["gram_floor_seconds"] = run.gram_seconds
+        report["ratio_to_gram_floor"] = run.seconds / run.gram_seconds if run.gram_seconds > 0 else None
+    return report
 
-    mods = list(shapes.modules(n_layers))
-    index = {t.name: i for i, t in enumerate(mods)}
-    for t in mods:
-        if out_rank > min(t.m, t.n):  # pragma: no cover - guarded above
-            raise ValueError(f"module {t.name}: rank {out_rank} exceeds min(m, n)")
 
+def _profile_dtype(dtype) -> tuple[torch.dtype, str]:
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"dtype must be one of bf16, fp16, fp32, got {dtype!r}")
+        tdtype = DTYPES[dtype.lower()]
+    elif dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tdtype = dtype
+    else:
+        raise TypeError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    return tdtype, {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[tdtype]
+
+
+@dataclass
+class _Round:
+    """The synthetic round :func:`profile_round` aggregates."""
+
+    shapes: ModelShapes
+    clients: int
+    rank: int
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    solver: str
+    residual: str
+    n_layers: int
+
+    def __post_init__(self):
+        self.ranks = [self.rank] * self.clients
+        self.R = self.rank * self.clients
+        self.out_rank = min(self.rank, min(min(t.m, t.n) for t in self.shapes.layer_modules(0)))
+        self.mods = list(self.shapes.modules(self.n_layers))
+        self.index = {t.name: i for i, t in enumerate(self.mods)}
+
+    def module(self, t: ModuleShape):
+        """Module t's client factors and weights (seeded by its index)."""
+        return synthetic_module(t.m, t.n, self.clients, self.rank, dtype=self.dtype, seed=self.seed,
+                                index=self.index[t.name], device=self.device)
+
+
+def _chunks(rnd: _Round, budget: Optional[int], layers_at_once: Optional[int]) -> list:
+    """The modules in chunks: ``layers_at_once`` layers each, or as many as ``budget`` allows."""
     def need(t: ModuleShape) -> int:
-        s = solver if solver != "auto" else choose_solver(t.m, t.n, R, out_rank)
-        return module_memory_bytes(t.m, t.n, ranks, out_rank, s, itemsize=itemsize)
+        s = rnd.solver if rnd.solver != "auto" else choose_solver(t.m, t.n, rnd.R, rnd.out_rank)
+        return module_memory_bytes(t.m, t.n, rnd.ranks, rnd.out_rank, s, itemsize=rnd.dtype.itemsize)
 
     if budget is not None:
-        chunks = plan_chunks(mods, need, budget, label=lambda t: f"{t.name} ({t.m} x {t.n}, R={R})")
-    else:
-        per = shapes.modules_per_layer * max(1, int(layers_at_once or 1))
-        chunks = plan_chunks(mods, need, None, max_items=per)
+        return plan_chunks(rnd.mods, need, budget, label=lambda t: f"{t.name} ({t.m} x {t.n}, R={rnd.R})")
+    per = rnd.shapes.modules_per_layer * max(1, int(layers_at_once or 1))
+    return plan_chunks(rnd.mods, need, None, max_items=per)
 
+
+@dataclass
+class _RunResult:
+    records: list
+    seconds: float
+    gram_seconds: float
+    peak: int
+
+
+def _aggregate_chunks(rnd: _Round, chunks: list, *, batched: bool, gram_floor: bool, release: bool,
+                      progress: bool) -> _RunResult:
+    """Aggregate every chunk for real (same-shaped modules together when ``batched``), one
+    :class:`ModuleProfile` per module; each batch's wall time is shared by modelled FLOPs."""
     records: list[ModuleProfile] = []
-    gram_total = 0.0
-    agg_total = 0.0
+    gram_total = agg_total = 0.0
     peak_round = 0
+    dev = rnd.device
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(mods), desc=f"profile {shapes.model}", unit="module", leave=False)
-    if residual not in ("factored", "stacked", "none"):
-        raise ValueError(f"residual must be 'factored', 'stacked' or 'none', got {residual!r}")
-    kw = dict(rank=out_rank, solver=solver, residual=residual)
+        bar = tqdm(total=len(rnd.mods), desc=f"profile {rnd.shapes.model}", unit="module", leave=False)
+    kw = dict(rank=rnd.out_rank, solver=rnd.solver, residual=rnd.residual)
     try:
         for chunk in chunks:
             with PeakMemory(dev) as pm:
-                pairs = []
+                pairs, w = [], None
                 for t in chunk:
-                    B, A, w = synthetic_module(t.m, t.n, clients, rank, dtype=tdtype, seed=seed,
-                                               index=index[t.name], device=dev)
+                    B, A, w = rnd.module(t)
                     pairs.append((B, A))
                 if gram_floor:
                     for B, A in pairs:
@@ -421,7 +313,7 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
                     _sync(dev)
                     dt = time.perf_counter() - t0
                     agg_total += dt
-                    fl = [solver_flops(chunk[i].m, chunk[i].n, R, out_rank, r_.solver)["total"]
+                    fl = [solver_flops(chunk[i].m, chunk[i].n, rnd.R, rnd.out_rank, r_.solver)["total"]
                           if r_.solver in ("exact", "randomized", "dense") else 1.0
                           for i, r_ in zip(g, res)]
                     tot = sum(fl) or 1.0
@@ -432,76 +324,55 @@ def profile_round(model: Union[str, os.PathLike, dict, ModelShapes], clients: in
                     if bar is not None:
                         bar.update(len(g))
                 del pairs
-                if budget is not None:  # a kept scratch buffer is not in the next chunk's estimate
+                if release:  # a kept scratch buffer is not in the next chunk's estimate
                     _release_workspace()
             peak_round = max(peak_round, pm.peak_bytes)
             for i, t in enumerate(chunk):
                 r_ = results[i]
                 gsize = next(len(g) for g in groups if i in g)
-                records.append(module_record(t.name, t.m, t.n, ranks, out_rank, r_.solver, seconds[i],
-                                             r_.energy_kept, itemsize=itemsize,
+                records.append(module_record(t.name, t.m, t.n, rnd.ranks, rnd.out_rank, r_.solver, seconds[i],
+                                             r_.energy_kept, itemsize=rnd.dtype.itemsize,
                                              peak_memory_bytes=pm.delta_bytes, kind=t.kind,
                                              batch_size=gsize))
             del results
     finally:
         if bar is not None:
             bar.close()
+    return _RunResult(records=records, seconds=agg_total, gram_seconds=gram_total, peak=peak_round)
 
-    baselines: dict[str, Any] = {}
-    if compare:
-        b_mods = list(shapes.modules(min(baseline_layers, n_layers)))
-        ours_layer = sum(rec.seconds for rec in records if rec.name in {t.name for t in b_mods})
-        for c in compare:
-            rows = []
-            cache: dict[tuple[int, int], tuple[float, int]] = {}
-            it = b_mods
-            if progress:
-                from tqdm.auto import tqdm
-                it = tqdm(b_mods, desc=f"baseline {c}", unit="module", leave=False)
-            for t in it:
-                key = (t.m, t.n)
-                reused = key in cache
-                if not reused:
-                    B, A, w = synthetic_module(t.m, t.n, clients, rank, dtype=tdtype, seed=seed,
-                                               index=index[t.name], device=dev)
-                    with PeakMemory(dev) as pm:
-                        secs = _run_baseline(c, B, A, w, out_rank, dev)
-                    del B, A
-                    cache[key] = (secs, pm.delta_bytes)
-                secs, peak = cache[key]
-                fl = baseline_flops(t.m, t.n, R, out_rank, c)["total"]
-                by = baseline_bytes(t.m, t.n, ranks, out_rank, c, itemsize=itemsize)["total"]
-                rows.append({"name": t.name, "m": t.m, "n": t.n, "R": R, "seconds": secs,
-                             "flops": fl, "bytes": by, "peak_memory_bytes": peak,
-                             "reused_same_shape": reused})
-            secs = sum(r_["seconds"] for r_ in rows)
-            nl = min(baseline_layers, n_layers)
-            baselines[c] = {"layers": nl, "modules": rows, "seconds": secs,
-                            "round_seconds_extrapolated": secs / nl * shapes.num_layers,
-                            "ratio_to_fedmomentum": secs / ours_layer if ours_layer > 0 else None}
 
-    per_layer = agg_total / n_layers
-    report: dict[str, Any] = {
-        "model": shapes.model, "clients": clients, "rank": rank, "dtype": dname, "device": str(dev),
-        "modules": [rec.to_dict() for rec in records],
-        "round_seconds": agg_total,
-        "round_seconds_extrapolated": per_layer * shapes.num_layers,
-        "extrapolated": n_layers < shapes.num_layers,
-        "layers_measured": n_layers, "num_layers": shapes.num_layers,
-        "solver": solver, "residual": residual, "batched": batched, "max_memory_bytes": budget,
-        "chunks": len(chunks),
-        "totals": {"seconds": agg_total, "flops": sum(r_.flops for r_ in records),
-                   "bytes": sum(r_.bytes for r_ in records),
-                   "peak_memory_bytes": max((r_.peak_memory_bytes for r_ in records), default=0),
-                   "peak_process_memory_bytes": peak_round,
-                   "solvers": sorted({r_.solver for r_ in records})},
-        "baselines": baselines,
-        "threads": torch.get_num_threads(),
-    }
-    if gram_floor:
-        report["gram_floor_seconds"] = gram_total
-        report["ratio_to_gram_floor"] = agg_total / gram_total if gram_total > 0 else None
-    return report
+def _baseline(rnd: _Round, c: str, records: list, baseline_layers: int, progress: bool) -> dict[str, Any]:
+    """Run baseline ``c`` on the modules of ``baseline_layers`` layers (one run per shape),
+    extrapolate to the round and compare with our time on the same modules."""
+    b_mods = list(rnd.shapes.modules(min(baseline_layers, rnd.n_layers)))
+    names = {t.name for t in b_mods}
+    ours_layer = sum(rec.seconds for rec in records if rec.name in names)
+    rows = []
+    cache: dict[tuple[int, int], tuple[float, int]] = {}
+    it = b_mods
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(b_mods, desc=f"baseline {c}", unit="module", leave=False)
+    for t in it:
+        key = (t.m, t.n)
+        reused = key in cache
+        if not reused:
+            B, A, w = rnd.module(t)
+            with PeakMemory(rnd.device) as pm:
+                secs = _run_baseline(c, B, A, w, rnd.out_rank, rnd.device)
+            del B, A
+            cache[key] = (secs, pm.delta_bytes)
+        secs, peak = cache[key]
+        fl = baseline_flops(t.m, t.n, rnd.R, rnd.out_rank, c)["total"]
+        by = baseline_bytes(t.m, t.n, rnd.ranks, rnd.out_rank, c, itemsize=rnd.dtype.itemsize)["total"]
+        rows.append({"name": t.name, "m": t.m, "n": t.n, "R": rnd.R, "seconds": secs,
+                     "flops": fl, "bytes": by, "peak_memory_bytes": peak,
+                     "reused_same_shape": reused})
+    secs = sum(r_["seconds"] for r_ in rows)
+    nl = min(baseline_layers, rnd.n_layers)
+    return {"layers": nl, "modules": rows, "seconds": secs,
+            "round_seconds_extrapolated": secs / nl * rnd.shapes.num_layers,
+            "ratio_to_fedmomentum": secs / ours_layer if ours_layer > 0 else None}
 
 
 def _shape_groups(chunk: Sequence[ModuleShape]) -> list[list[int]]:

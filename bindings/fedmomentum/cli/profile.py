@@ -57,8 +57,8 @@ def _fmt_s(x: float) -> str:
 
 
 def _fmt_b(b: float) -> str:
-    from fedmomentum_core.profiling import _fmt_bytes
-    return _fmt_bytes(b, digits=1)
+    from fedmomentum_core.memory import format_bytes
+    return format_bytes(b, digits=1)
 
 
 def format_report(rep: dict[str, Any], max_rows: int = 14) -> str:
