@@ -94,7 +94,7 @@ def _aggregate_one(B, A, weights, scalings, out_scaling, name, agg: AggregateOpt
     defer = spec.batchable  # the exact solver scans for NaN/Inf off its Grams (no extra pass)
     inp = validate_layer(B, A, weights, scalings=scalings, out_scaling=out_scaling, name=name,
                          check_finite=not defer)
-    opt = Options.for_layer(agg, _layer_rank(agg, inp, pre), pre, finite_checked=not defer, tuning=tuning)
+    opt = Options(agg, _layer_rank(agg, inp, pre), pre, finite_checked=not defer, tuning=tuning)
     t0 = time.perf_counter()
     res = spec(inp, opt)
     res.info.setdefault("seconds", time.perf_counter() - t0)
@@ -168,7 +168,7 @@ def _aggregate_many(layers, weights, names, scalings, out_scaling, agg: Aggregat
                                      tuning=tuning)
             for i, svd in zip(part, svds):
                 inp = prepared[i][0]
-                opt = Options.for_layer(agg, r, layer_prefix(inp.name), tuning=tuning, solver="exact")
+                opt = Options(agg, r, layer_prefix(inp.name), tuning=tuning, solver="exact")
                 res = fedmomentum_result(inp, opt, svd)
                 res.info["R"] = inp.R
                 results[i] = res

@@ -18,30 +18,27 @@ __all__ = ["Options", "run_solver", "rebuild", "finish", "averages", "weighted_m
 
 @dataclass(frozen=True)
 class Options:
-    """One layer's options as a method sees them: the call's :class:`AggregateOptions` with the
-    rank resolved for this layer, the layer's error prefix and the solver tuning."""
+    """One layer's options as a method sees them: the call's :class:`AggregateOptions` (its fields
+    read through, e.g. ``opt.split``), the rank resolved for this layer, the layer's error prefix,
+    the solver tuning, and the solver this layer runs (default the call's)."""
 
+    agg: AggregateOptions
     rank: int
-    solver: str
-    residual: str
-    split: str
-    compute_dtype: torch.dtype
-    generator: Optional[torch.Generator]
-    residual_energy: float
-    tau: Optional[float]
-    prefix: str
+    prefix: str = ""
     #: False when validation skipped the NaN/Inf scan: the exact solver reads it off its Grams,
     #: any other solver runs the scan first (see :func:`run_solver`)
     finite_checked: bool = True
     tuning: SolverTuning = field(default_factory=SolverTuning)
+    solver: Optional[str] = None
 
-    @classmethod
-    def for_layer(cls, agg: AggregateOptions, rank: int, prefix: str, *, finite_checked: bool = True,
-                  tuning: Optional[SolverTuning] = None, solver: Optional[str] = None) -> "Options":
-        return cls(rank=rank, solver=solver or agg.solver, residual=agg.residual, split=agg.split,
-                   compute_dtype=agg.compute_dtype, generator=agg.generator,
-                   residual_energy=agg.residual_energy, tau=agg.tau, prefix=prefix,
-                   finite_checked=finite_checked, tuning=tuning or SolverTuning())
+    def __post_init__(self):
+        if self.solver is None:
+            object.__setattr__(self, "solver", self.agg.solver)
+
+    def __getattr__(self, name):  # method, residual, split, compute_dtype, generator, ...
+        if name == "agg":
+            raise AttributeError(name)
+        return getattr(self.agg, name)
 
 
 def run_solver(inp: LayerInput, opt: Options, *, full_spectrum: bool, need_tail: bool) -> SVDFactors:
