@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -124,6 +125,7 @@ def run_case(hidden: int, inter: int, layers: int, K: int, r: int, targets=TARGE
         for solver in ("auto", "exact"):
             best, best_cpu, agg, mem = float("inf"), float("inf"), None, 0
             for i in range(repeat):
+                shutil.rmtree(root / "out", ignore_errors=True)  # an existing output is refused (issue 15)
                 with PeakRSS() as pk:
                     t0, c0 = time.perf_counter(), time.process_time()
                     agg = aggregate_adapters(dirs, root / "out", p, rank=r, residual="save", solver=solver)

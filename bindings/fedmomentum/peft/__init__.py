@@ -68,9 +68,9 @@ from fedmomentum_core.plan import ModelAggregation, ModuleResult
 
 from .. import safe_io as _safe
 from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT_FILE, RESIDUAL_FILE, RESIDUAL_METADATA, PathLike,
-                 SafetensorsStreamWriter, _fill_adapter_dir, _install, _tmp_next_to, load_module_factors,
-                 load_other_tensors, load_residuals, open_adapter_files, output_transaction, read_adapter_config,
-                 report_json, save_residuals, write_adapter_dir, write_outputs)
+                 SafetensorsStreamWriter, _fill_adapter_dir, _install, _tmp_next_to, check_outputs,
+                 load_module_factors, load_other_tensors, load_residuals, open_adapter_files, output_transaction,
+                 read_adapter_config, report_json, save_residuals, write_adapter_dir, write_outputs)
 from .merge import load_base_model, merge_base_model, merge_residuals_, save_model
 from .plan import (AdapterPlan, ModelPlan, ModuleSpec, RESIDUAL_MODES, aggregate_adapter_module, aggregate_plan,
                    check_adapter_args, check_adapter_paths, plan_adapters, plan_modules)
@@ -82,7 +82,7 @@ __all__ = [
     "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
     "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
     "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES", "write_outputs",
-    "output_transaction",
+    "output_transaction", "check_outputs",
 ]
 
 #: kept for code that used the private name

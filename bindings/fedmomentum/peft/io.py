@@ -32,7 +32,7 @@ __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "RESIDUAL_FILE", "REPORT_FILE", "RESIDUAL_METADATA", "PathLike",
     "read_adapter_config", "read_header", "open_adapter_files", "load_module_factors",
     "load_other_tensors", "write_adapter_dir", "SafetensorsStreamWriter", "save_residuals",
-    "load_residuals", "report_json", "write_outputs", "output_transaction", "output_inputs",
+    "load_residuals", "report_json", "write_outputs", "output_transaction", "output_inputs", "check_outputs",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -300,6 +300,20 @@ def output_inputs(adapter_dirs: Sequence[PathLike] = (), base_model: Optional[Pa
     if base_model is not None:
         out.append(("base model", base_model))
     return out
+
+
+def check_outputs(out_dir: PathLike, merged_out: Optional[PathLike] = None, *, overwrite: bool = False,
+                  adapter_dirs: Sequence[PathLike] = (), base_model: Optional[PathLike] = None) -> None:
+    """The output checks of :func:`output_transaction` without taking the locks (read-only): for a
+    driver that must refuse a bad ``--out`` before its work but opens the transaction later (e.g. rank 0
+    of the torchrun path, before sharding). Raises :class:`~fedmomentum.safe_io.OutputError`."""
+    inputs = output_inputs(adapter_dirs, base_model)
+    outs = [("--out", out_dir)] + ([("--merged-out", merged_out)] if merged_out is not None else [])
+    for flag, path in outs:
+        others = [(f, p) for f, p in outs if f != flag]
+        _safe.check_output_target(path, inputs=inputs, others=others, overwrite=overwrite, flag=flag)
+    if base_model is not None:
+        _safe.check_input_folder(base_model, "base model")
 
 
 def output_transaction(out_dir: PathLike, merged_out: Optional[PathLike] = None, *, overwrite: bool = False,
