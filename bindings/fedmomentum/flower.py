@@ -33,8 +33,12 @@ Wire format
       is NaN;
   ``residual-rank``, ``residual-bytes``
       total rank and fp32 size of this round's residual factors (the downlink of ``"ship"``);
-  ``num-clients``, ``dropped-replies``
-      replies aggregated and replies dropped.
+  ``num-clients``, ``dropped-replies``, ``missing-replies``
+      replies aggregated, replies dropped (error or invalid) and sampled nodes that did not reply
+      before the round's timeout (dropouts; their ids are logged and kept in ``round_nodes``).
+      The aggregation weights are renormalised over the replies aggregated.
+* Failures follow Flower's settings: ``accept_failures`` (aggregate what arrived, or skip the
+  round) and the ``min_*_nodes`` sampling minimums of ``FedAvg``, plus ``min_train_replies``.
 
 * ``residual="ship"``: the residual of round t (per module a :class:`~fedmomentum.LowRank` in the
   orientation of the module's ``weight``: ``weight += left @ right``) is sent in the following
@@ -42,7 +46,10 @@ Wire format
   ``f"{RESIDUAL_RECORD_PREFIX}{t}"``, with keys ``<module>.residual_left`` /
   ``<module>.residual_right`` (the ``residual.safetensors`` key format). A node is sent every
   round it has not yet acknowledged (a valid reply to a message carrying it), so nodes that skip
-  rounds catch up. :func:`apply_server_update` merges each round at most once per model.
+  rounds catch up; a node that answers with an error is sent every round again. Every message
+  also carries ``RESIDUAL_INDEX_KEY`` (the list of rounds shipped so far), so
+  :func:`apply_server_update` refuses to train on a stale base (a node that restarted without
+  its state) instead of silently diverging. It merges each round at most once per model.
 * ``residual="server"``: clients never see residuals; the server merges them into its own copy
   of the base weights (``base=``), exported by :meth:`FedMomentumStrategy.merged_state_dict`.
   With ``base=`` given, ``"ship"`` keeps that server copy as well.
@@ -69,10 +76,13 @@ from .peft import merge as _merge
 from .peft import rules as _rules
 
 __all__ = ["FedMomentumStrategy", "apply_server_update", "RESIDUAL_RECORD_PREFIX",
-           "MERGED_THROUGH_ATTR", "residual_records", "weight_key"]
+           "RESIDUAL_INDEX_KEY", "MERGED_THROUGH_ATTR", "residual_records", "weight_key"]
 
 #: RecordDict key prefix of the per-round residual ArrayRecords (``...-round-3``).
 RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
+#: RecordDict key of the ConfigRecord ``{"rounds": [...]}`` listing every residual round the
+#: server has shipped so far: a client must hold all of them (else its base is stale).
+RESIDUAL_INDEX_KEY = "fedmomentum-residual-index"
 #: attribute set on a client model: the last server round whose residual it has merged.
 MERGED_THROUGH_ATTR = "fedmomentum_merged_through"
 _LEFT, _RIGHT = ".residual_left", ".residual_right"
@@ -198,6 +208,20 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
     blocks = {**stored, **incoming}
     through = int(getattr(model, MERGED_THROUGH_ATTR, 0))
     todo = sorted(r for r in blocks if r > through)
+    if RESIDUAL_INDEX_KEY in content:
+        index = content[RESIDUAL_INDEX_KEY]
+        if not isinstance(index, ConfigRecord):
+            raise TypeError(f"record {RESIDUAL_INDEX_KEY!r} is a {type(index).__name__}, "
+                            "expected ConfigRecord")
+        rounds = index.get("rounds", [])
+        missing = sorted(int(r) for r in (rounds if isinstance(rounds, list) else [rounds])
+                         if int(r) > through and int(r) not in blocks)
+        if missing:
+            raise ValueError(
+                f"stale base: the server has shipped residual round(s) {missing} that this model "
+                f"has not merged and that are neither in the message nor in state= (a node "
+                f"restarted without its context.state?); the server ships every round again "
+                f"after this error reply")
 
     # --- check everything first
     plan: list[tuple[torch.Tensor, LowRank]] = []
@@ -262,18 +286,30 @@ class FedMomentumStrategy(FedAvg):
         base: the base model (``nn.Module``, e.g. the PeftModel before training, or a state dict)
             the server keeps a copy of and merges residuals into. Required for ``"server"``.
         aggregate_kwargs: extra keyword arguments for ``fedmomentum.aggregate``.
+        accept_failures: Flower's failure setting (as in the legacy ``FedAvg``): with ``True``
+            (default) a round is aggregated over the replies that arrived, their weights
+            renormalised over them; with ``False`` a round in which any sampled node failed (error
+            reply, invalid reply, or no reply before the round's timeout) is not aggregated and
+            the previous adapter is kept.
+        min_train_replies: fewest valid train replies a round needs to be aggregated (default 1);
+            below it the previous adapter is kept. Sampling waits for ``min_available_nodes``
+            / ``min_train_nodes`` connected nodes as in ``FedAvg``.
         **fedavg_kwargs: ``FedAvg``'s arguments (fraction_train, min_available_nodes,
             weighted_by_key, arrayrecord_key, train_metrics_aggr_fn, ...).
 
     Attributes:
         last_aggregation: the ``fedmomentum.ModelAggregation`` of the latest round (or None).
         round_metrics: ``{round: {"aggregation-seconds": ..., "energy-kept": ..., ...}}``.
+        round_nodes: ``{round: {"sent": [...], "aggregated": [...], "failed": [...],
+            "missing": [...]}}``: node ids of the train messages, of the replies aggregated, of
+            the error/invalid replies and of the nodes that did not reply (dropouts).
     """
 
     def __init__(self, *, method: str = "fedmomentum", rank: Optional[int] = None,
                  solver: str = "auto", residual: str = "ship", lora_config: Any = None,
                  base: Union[torch.nn.Module, Mapping[str, torch.Tensor], None] = None,
-                 aggregate_kwargs: Optional[dict] = None, **fedavg_kwargs: Any) -> None:
+                 aggregate_kwargs: Optional[dict] = None, accept_failures: bool = True,
+                 min_train_replies: int = 1, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         get_method(method)  # ValueError naming the choices for an unknown method
         if solver != "auto" and solver not in SOLVERS:
@@ -297,6 +333,12 @@ class FedMomentumStrategy(FedAvg):
                 raise TypeError(f"base must be an nn.Module or a state dict, got {type(base).__name__}")
             self._base = {k: v.detach().clone() for k, v in sd.items()
                           if isinstance(v, torch.Tensor) and ".lora_" not in k}
+        if not isinstance(accept_failures, bool):
+            raise TypeError(f"accept_failures must be a bool, got {accept_failures!r}")
+        if not isinstance(min_train_replies, int) or isinstance(min_train_replies, bool) \
+                or min_train_replies < 1:
+            raise ValueError(f"min_train_replies must be an int >= 1, got {min_train_replies!r}")
+        self.accept_failures, self.min_train_replies = accept_failures, min_train_replies
         self._residual_rounds: dict[int, dict[str, LowRank]] = {}
         self._acked: dict[int, int] = {}      # node -> last residual round it confirmed
         self._pending: dict[int, int] = {}    # node -> last residual round in its open message
@@ -305,31 +347,53 @@ class FedMomentumStrategy(FedAvg):
         self._adapter_config: dict = dict(self.lora_config)
         self.last_aggregation = None
         self.round_metrics: dict[int, dict[str, float]] = {}
+        self.round_nodes: dict[int, dict[str, list[int]]] = {}
+        self._sent: dict[tuple[str, int], list[int]] = {}   # (train|evaluate, round) -> nodes
 
     # ---------------------------------------------------------------- logging
     def summary(self) -> None:
         """Log the configuration (FedAvg's summary plus the FedMomentum options)."""
         super().summary()
-        log(INFO, "\t└──> FedMomentum: method=%s rank=%s solver=%s residual=%s", self.method,
-            self.rank, self.solver, self.residual)
+        log(INFO, "\t└──> FedMomentum: method=%s rank=%s solver=%s residual=%s "
+            "accept_failures=%s min_train_replies=%d", self.method, self.rank, self.solver,
+            self.residual, self.accept_failures, self.min_train_replies)
 
     # ---------------------------------------------------------------- messages out
     def _attach_residuals(self, messages: Iterable[Message], through: int) -> list[Message]:
         messages = list(messages)
         if self.residual != "ship" or not self._residual_rounds:
             return messages
+        index = [r for r in sorted(self._residual_rounds) if r <= through]
         for msg in messages:
             node = msg.metadata.dst_node_id
-            rounds = [r for r in sorted(self._residual_rounds)
-                      if self._acked.get(node, 0) < r <= through]
-            if not rounds:
-                continue
+            rounds = [r for r in index if self._acked.get(node, 0) < r]
             content = RecordDict(dict(msg.content.items()))
+            if index:
+                content[RESIDUAL_INDEX_KEY] = ConfigRecord({"rounds": list(index)})
             for r in rounds:
                 content[f"{RESIDUAL_RECORD_PREFIX}{r}"] = residual_records(self._residual_rounds[r])
             msg.content = content
-            self._pending[node] = max(rounds)
+            if rounds:
+                self._pending[node] = max(rounds)
         return messages
+
+    def _nack(self, node: int) -> None:
+        """A node answered with an error: it may have lost its residuals (restart without its
+        state); ship it every round again next time (merging is idempotent per round)."""
+        self._acked.pop(node, None)
+        self._pending.pop(node, None)
+
+    def _missing(self, kind: str, server_round: int, replies: list[Message]) -> list[int]:
+        sent = self._sent.pop((kind, server_round), None)
+        if sent is None:
+            return []
+        got = {m.metadata.src_node_id for m in replies}
+        missing = sorted(n for n in sent if n not in got)
+        if missing:
+            log(WARNING, "aggregate_%s: round %d: no reply from node(s) %s (%d of %d sampled "
+                "nodes missing: dropped out or past the round timeout)", kind, server_round,
+                missing, len(missing), len(sent))
+        return missing
 
     def _ack(self, replies: Iterable[Message]) -> None:
         for msg in replies:
@@ -341,18 +405,26 @@ class FedMomentumStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """FedAvg's train messages, plus the residual rounds each node has not acknowledged."""
         self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        msgs = super().configure_train(server_round, arrays, config, grid)
-        return self._attach_residuals(msgs, server_round - 1)
+        msgs = self._attach_residuals(super().configure_train(server_round, arrays, config, grid),
+                                      server_round - 1)
+        self._sent[("train", server_round)] = [m.metadata.dst_node_id for m in msgs]
+        return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """FedAvg's evaluate messages, plus residual rounds up to this one (exact evaluation)."""
-        msgs = super().configure_evaluate(server_round, arrays, config, grid)
-        return self._attach_residuals(msgs, server_round)
+        msgs = self._attach_residuals(super().configure_evaluate(server_round, arrays, config, grid),
+                                      server_round)
+        self._sent[("evaluate", server_round)] = [m.metadata.dst_node_id for m in msgs]
+        return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """FedAvg's evaluate aggregation; valid replies also acknowledge shipped residuals."""
         replies = list(replies)
+        self._missing("evaluate", server_round, replies)
+        for m in replies:
+            if m.has_error():
+                self._nack(m.metadata.src_node_id)
         self._ack(m for m in replies if not m.has_error())
         return super().aggregate_evaluate(server_round, replies)
 
@@ -419,6 +491,7 @@ class FedMomentumStrategy(FedAvg):
             if msg.has_error():
                 log(WARNING, "aggregate_train: dropping error reply from node %s: %s",
                     msg.metadata.src_node_id, msg.error.reason)
+                self._nack(msg.metadata.src_node_id)
                 dropped += 1
             elif not msg.has_content():
                 log(WARNING, "aggregate_train: dropping empty reply from node %s",
@@ -463,9 +536,28 @@ class FedMomentumStrategy(FedAvg):
         itself is logged and also gives ``(None, None)`` (the previous adapter is kept).
         """
         replies = list(replies)
+        missing = self._missing("train", server_round, replies)
         good, dropped = self._valid_replies(replies)
-        log(INFO, "aggregate_train: %d replies aggregated, %d dropped", len(good), dropped)
+        aggregated = [m.metadata.src_node_id for m, *_ in good]
+        self.round_nodes[server_round] = {
+            "sent": sorted(set(aggregated) | {m.metadata.src_node_id for m in replies} | set(missing)),
+            "aggregated": aggregated,
+            "failed": sorted(m.metadata.src_node_id for m in replies
+                             if m.metadata.src_node_id not in aggregated),
+            "missing": missing}
+        log(INFO, "aggregate_train: %d replies aggregated, %d dropped, %d missing", len(good),
+            dropped, len(missing))
         if not good:
+            return None, None
+        if not self.accept_failures and (dropped or missing):
+            log(WARNING, "aggregate_train: round %d not aggregated (accept_failures=False): %d "
+                "failed and %d missing replies; keeping the previous adapter", server_round,
+                dropped, len(missing))
+            return None, None
+        if len(good) < self.min_train_replies:
+            log(WARNING, "aggregate_train: round %d not aggregated: %d valid replies, "
+                "min_train_replies=%d; keeping the previous adapter", server_round, len(good),
+                self.min_train_replies)
             return None, None
         self._ack(m for m, *_ in good)
         states = [sd for _, sd, _, _ in good]
@@ -497,6 +589,7 @@ class FedMomentumStrategy(FedAvg):
             "residual-bytes": int(sum(lr.nbytes for lr in residuals.values())),
             "num-clients": len(good),
             "dropped-replies": int(dropped),
+            "missing-replies": len(missing),
         }
         self.round_metrics[server_round] = extra
         try:

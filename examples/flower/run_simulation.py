@@ -1,4 +1,7 @@
-"""Run the FedMomentum Flower example in-process with Flower's simulation engine (Ray backend).
+"""Run the FedMomentum Flower App in-process with Flower's simulation engine (Ray backend).
+
+The Flower way is ``flwr run examples/flower`` (see pyproject.toml here and the README); this
+script runs the same ServerApp/ClientApp from Python, without the flwr CLI.
 
     python examples/flower/run_simulation.py --rounds 2 --clients 3
 
@@ -38,8 +41,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from flwr.simulation import run_simulation
 
-    from client_app import app as client_app
-    from server_app import make_server_app
+    from fedmomentum_app.client_app import app as client_app
+    from fedmomentum_app.server_app import make_server_app
 
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)

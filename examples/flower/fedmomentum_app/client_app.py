@@ -3,34 +3,69 @@
 Every message builds a fresh base model (as Flower ClientApps usually do) and calls
 ``fedmomentum.flower.apply_server_update(model, msg.content, state=context.state)``, which merges
 every residual round the server has shipped so far into the base weights and loads the new
-adapter.
+adapter. That one call is the whole client-side change from a FedAvg LoRA app.
+
+Node config (``flower-supernode --node-config "..."``; in the simulation Flower sets both):
+``partition-id`` and ``num-partitions`` pick this node's data. Two more keys exist for the
+dropout drill of the tests: ``pause-round`` / ``pause-seconds`` make the node wait (after
+writing ``<output-dir>/clients/node-<id>/round-<t>-paused``) before training in that round, so
+that a test can kill the SuperNode in the middle of the round.
 """
 from __future__ import annotations
 
-import torch
+import time
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import task
 from fedmomentum.flower import apply_server_update
+
+from . import artifacts, task
+from .config import parse_run_config
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    model = task.build_model()
+    cfg = parse_run_config(context.run_config)
+    model = task.build_model(r=cfg.lora_r, alpha=cfg.lora_alpha)
     info = apply_server_update(model, msg.content, state=context.state)
     part = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
-    return model, task.client_data(part, parts), info
+    return cfg, model, task.client_data(part, parts), info
+
+
+def _record(cfg, msg: Message, context: Context, kind: str, model, info) -> None:
+    """With ``output-dir`` set: this client's effective weights after apply_server_update."""
+    if not cfg.output_dir:
+        return
+    rnd = int(msg.content["config"].get("server-round", 0))
+    where = artifacts.client_dir(cfg.output_dir, context.node_id)
+    meta = {"node-id": context.node_id, "server-round": rnd, "kind": kind,
+            "partition-id": int(context.node_config.get("partition-id", 0)),
+            "merged-rounds": info["merged_rounds"]}
+    artifacts.save_tensors(where / f"round-{rnd:03d}-{kind}.safetensors", task.effective_weights(model))
+    artifacts.save_json(where / f"round-{rnd:03d}-{kind}.json", meta)
+
+
+def _maybe_pause(cfg, msg: Message, context: Context) -> None:
+    rnd = int(msg.content["config"].get("server-round", 0))
+    if int(context.node_config.get("pause-round", 0)) != rnd:
+        return
+    if cfg.output_dir:
+        artifacts.save_json(artifacts.client_dir(cfg.output_dir, context.node_id)
+                            / f"round-{rnd:03d}-paused", {"node-id": context.node_id})
+    time.sleep(float(context.node_config.get("pause-seconds", 30)))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local LoRA training; replies with the adapter (PEFT saved keys) and num-examples."""
-    model, data, _ = _setup(msg, context)
-    steps = int(msg.content["config"].get("local-steps", 5))
-    loss = task.train(model, data, steps=steps)
+    cfg, model, data, info = _setup(msg, context)
+    _record(cfg, msg, context, "train", model, info)
+    _maybe_pause(cfg, msg, context)
+    steps = int(msg.content["config"].get("local-steps", cfg.local_steps))
+    loss = task.train(model, data, steps=steps, lr=cfg.learning_rate)
     content = RecordDict({
         "arrays": ArrayRecord(task.adapter_state_dict(model)),
         "metrics": MetricRecord({"train-loss": loss, "num-examples": int(data.shape[0])}),
@@ -42,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Local loss of the global model. With config ``report-effective-weights`` the reply also
     carries this client's effective weights (base + merged residuals + s·B·A) to check exactness."""
-    model, data, _ = _setup(msg, context)
+    cfg, model, data, info = _setup(msg, context)
+    _record(cfg, msg, context, "evaluate", model, info)
     content = RecordDict({"metrics": MetricRecord({"eval-loss": task.loss_on(model, data),
                                                    "num-examples": int(data.shape[0])})})
     if bool(msg.content["config"].get("report-effective-weights", False)):

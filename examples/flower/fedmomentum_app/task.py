@@ -11,20 +11,20 @@ RANK, ALPHA = 4, 8
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
-def lora_config() -> LoraConfig:
+def lora_config(r: int = RANK, alpha: float = ALPHA) -> LoraConfig:
     """The adapter every client trains (and the server aggregates with)."""
-    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+    return LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
                       init_lora_weights=True)
 
 
-def build_model(seed: int = 0):
+def build_model(seed: int = 0, r: int = RANK, alpha: float = ALPHA):
     """A fresh base model + LoRA adapter; identical on the server and every client (same seed)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=SEQ, tie_word_embeddings=False)
     base = LlamaForCausalLM(cfg)
-    return get_peft_model(base, lora_config())
+    return get_peft_model(base, lora_config(r, alpha))
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""FedMomentum as a Flower App: ``server_app:app`` and ``client_app:app`` (see ../pyproject.toml)."""
