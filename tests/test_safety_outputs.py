@@ -217,6 +217,17 @@ def test_mismatched_pair_is_detected_and_repaired(llama, tmp_path, capsys, caplo
         assert _merge(llama, out, merged, "--overwrite") == 0
     assert "replaces both" in caplog.text
     assert cli_main(["verify", str(out)]) == 0
+    # a merged base whose adapter is gone (moved, or a kill before the adapter's first install):
+    # verify says so; a next round on it only warns (the pair may simply have been moved)
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert cli_main(["verify", str(out), "--merged-out", str(merged)]) != 0
+    _one_error_line(capsys, "does not exist")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedmomentum"):
+        assert cli_main(["aggregate", *map(str, dirs), "--out", str(tmp_path / "o3"), "--residual", "merge",
+                         "--base-model", str(merged), "--merged-out", str(tmp_path / "m3"), "--no-progress"]) == 0
+    assert "is missing" in caplog.text
 
 
 # ----------------------------------------------------------------------------- defect 6: concurrency, leftovers, modes

@@ -184,14 +184,20 @@ def write_marker(folder: PathLike, round_id: str, role: str, partner: Optional[M
 # ----------------------------------------------------------------------------- checks
 
 def check_input_folder(folder: PathLike, what: str) -> None:
-    """Refuse an input folder that is one half of a mismatched output pair (an interrupted run)."""
+    """Refuse an input folder (e.g. the base model of the next round) that is one half of a
+    mismatched output pair: its recorded partner exists but is from another round (an interrupted
+    run). A partner that is missing only gives a warning (the folders may have been moved)."""
     d = Path(folder)
     m = read_marker(d)
     if m is None or not m.get("partner"):
         return
     msg = _pair_problem(d, m)
-    if msg:
-        raise OutputError(f"{what} {str(d)!r}: {msg}")
+    if not msg:
+        return
+    if not os.path.lexists((m.get("partner") or {}).get("path", "")):
+        log.warning("fedmomentum: warning: %s %r: %s", what, str(d), msg)
+        return
+    raise OutputError(f"{what} {str(d)!r}: {msg}")
 
 
 def check_output_target(target: PathLike, *, inputs: Iterable[tuple[str, PathLike]] = (),
@@ -680,6 +686,9 @@ def verify_outputs(adapter_dir: PathLike, merged_out: Optional[PathLike] = None)
             raise OutputError(f"adapter folder {str(a)!r} was written by an older fedmomentum without a round "
                               f"marker ({MARKER_FILE}); it cannot be verified")
         raise OutputError(f"adapter folder {str(a)!r} is not a fedmomentum output (no {MARKER_FILE})")
+    if m.get("role") not in (None, "adapter"):
+        raise OutputError(f"{str(a)!r} is a {str(m.get('role')).replace('_', ' ')} folder, not an adapter folder; "
+                          "give the adapter folder (--out of `fedmomentum aggregate`)")
     _check_files(a, m, "adapter folder")
     partner = merged_out if merged_out is not None else (m.get("partner") or {}).get("path")
     stale = _stale_names(a) + (_stale_names(Path(partner)) if partner else [])

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Environment: the CLI recycles freed round buffers instead of having the kernel "
                "zero-fill fresh pages every round (fedmomentum.reuse_freed_memory, glibc only); "
                "FEDMOMENTUM_MALLOC=system keeps the C library's default policy, "
-               "FEDMOMENTUM_MALLOC_KEEP=SIZE (default 1GiB) bounds the freed memory kept.")
+               "FEDMOMENTUM_MALLOC_KEEP=SIZE (default 1GiB) bounds the freed memory kept. "
+               "Output folders: a run holds a lock per --out/--merged-out; FEDMOMENTUM_LOCK_WAIT=SECONDS makes a "
+               "second run on the same folder wait that long (default 0: fail at once).")
     parser.add_argument("--version", action="version", version=f"fedmomentum {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
