@@ -44,7 +44,7 @@ import torch
 from ._tables import GPU_TARGETS, GpuArch, KernelConfig, Launch
 
 __all__ = ["Variant", "CompileJob", "CompileResult", "CASES", "PRECISIONS", "matrix", "compile_job",
-           "compile_all", "register_limit", "gpu_target"]
+           "compile_all", "register_limit", "gpu_target", "violations", "jit_kernels"]
 
 #: the values :func:`._tables.input_precision` can return (``tl.dot`` precision of fp32 operands)
 PRECISIONS = ("ieee", "tf32")
@@ -168,6 +168,22 @@ def _bind(launch: Launch, arch: GpuArch) -> tuple[dict, dict, dict]:
     return dict(signature), dict(constexprs), dict(attrs)
 
 
+def jit_kernels() -> dict[str, object]:
+    """Every ``@triton.jit`` function of the package, by ``"module:qualname"`` (what :func:`matrix` must cover)."""
+    import pkgutil
+    from importlib import import_module
+
+    from triton.runtime.jit import JITFunction
+    pkg = import_module(__package__)
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = import_module(f"{__package__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
+                found[f"{obj.fn.__module__}:{obj.fn.__qualname__}"] = obj
+    return found
+
+
 def matrix(targets: tuple[GpuArch, ...] = GPU_TARGETS) -> list[CompileJob]:
     """Every distinct (kernel, signature, constexprs, launch options, target) the launchers produce.
 
@@ -202,7 +218,9 @@ class CompileResult:
     spill_bytes: int = -1     # NVIDIA: spill stores + loads; AMD: VGPR spills (count) + scratch bytes
     stack_bytes: int = -1     # NVIDIA: stack frame; AMD: private segment (scratch) bytes
     sgpr_spills: int = 0      # AMD only: SGPRs spilled into VGPR lanes (registers, not memory)
-    seconds: float = 0.0
+    seconds: float = 0.0      # wall seconds of triton.compile in its worker
+    cpu_seconds: float = 0.0  # CPU seconds of the same (worker + its ptxas / lld children): load-independent
+    magic: bytes = b""        # first 4 bytes of the binary (ELF: b"\x7fELF")
     error: str = ""
     log: str = field(default="", repr=False)
 
@@ -220,6 +238,12 @@ def _amd_field(asm: str, name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _cpu() -> float:
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def compile_job(job: CompileJob) -> CompileResult:
     """Compile one job in this process (``TRITON_DUMP_PTXAS_LOG`` must be set for NVIDIA resources)."""
     from importlib import import_module
@@ -230,7 +254,7 @@ def compile_job(job: CompileJob) -> CompileResult:
     fn = getattr(import_module(mod), qual)
     src = ASTSource(fn, job.signature, job.constexprs, job.attrs)
     buf = io.StringIO()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     try:
         with contextlib.redirect_stdout(buf):
             k = triton.compile(src, target=gpu_target(job.arch),
@@ -238,7 +262,7 @@ def compile_job(job: CompileJob) -> CompileResult:
     except Exception as e:  # reported, asserted by the caller
         return CompileResult(job, seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:4000],
                              log=buf.getvalue()[-4000:])
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, _cpu() - c0
     log = buf.getvalue()
     shared = int(k.metadata.shared)
     if job.arch.backend == "cuda":
@@ -247,14 +271,14 @@ def compile_job(job: CompileJob) -> CompileResult:
         spill = _PTXAS_SPILL.search(log)
         return CompileResult(job, "cubin", len(binary), shared, int(regs.group(1)) if regs else -1,
                              int(spill.group(2)) + int(spill.group(3)) if spill else -1,
-                             int(spill.group(1)) if spill else -1, 0, secs, "", log)
+                             int(spill.group(1)) if spill else -1, 0, secs, cpu, bytes(binary[:4]), "", log)
     binary = k.asm.get("hsaco", b"")
     asm = k.asm.get("amdgcn", "")
     vgpr_spills = _amd_field(asm, "vgpr_spill_count")
     scratch = _amd_field(asm, "private_segment_fixed_size")
     spills = vgpr_spills + scratch if min(vgpr_spills, scratch) >= 0 else -1
     return CompileResult(job, "hsaco", len(binary), shared, _amd_field(asm, "vgpr_count"), spills, scratch,
-                         max(0, _amd_field(asm, "sgpr_spill_count")), secs, "", "")
+                         max(0, _amd_field(asm, "sgpr_spill_count")), secs, cpu, bytes(binary[:4]), "", "")
 
 
 def _init_worker(cache_dir: str) -> None:
@@ -289,3 +313,26 @@ def register_limit(arch: GpuArch, num_warps: int) -> int:
     if arch.backend == "cuda":
         return min(255, 65536 // (num_warps * arch.warp_size))
     return 512
+
+
+def violations(res: CompileResult) -> list[str]:
+    """What is wrong with one compiled kernel for its target (empty: it fits).
+
+    A binary exists; shared memory (LDS) per program within the target's per-block limit;
+    registers within :func:`register_limit`; no spills (NVIDIA: ptxas spill store/load bytes and
+    stack frame; AMD: VGPR spills and scratch). SGPRs parked in VGPR lanes on AMD are not spills."""
+    job, arch, out = res.job, res.job.arch, []
+    if res.error:
+        return [f"compile failed: {res.error.splitlines()[0] if res.error else ''}"]
+    if res.binary_bytes <= 0:
+        out.append(f"no {res.binary_kind or 'binary'} produced")
+    if not 0 <= res.shared <= arch.shared_bytes:
+        out.append(f"shared memory {res.shared} B > {arch.shared_bytes} B per block on {arch.label}")
+    limit = register_limit(arch, job.num_warps)
+    if not 0 < res.registers <= limit:
+        out.append(f"{res.registers} registers per thread (limit {limit}, or not reported)")
+    if res.spill_bytes != 0:
+        out.append(f"spills: {res.spill_bytes} (bytes on NVIDIA, VGPR count + scratch bytes on AMD)")
+    if res.stack_bytes != 0:
+        out.append(f"stack / scratch {res.stack_bytes} B")
+    return out
