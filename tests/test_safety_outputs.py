@@ -101,6 +101,16 @@ def test_empty_folder_is_used_and_own_output_needs_overwrite(sb, capsys):
     assert sorted(os.listdir(root)) == ["clients", "out"]
 
 
+def test_overwrite_replaces_only_what_fedmomentum_wrote(sb, capsys):
+    root, dirs = sb
+    out = root / "out"
+    assert _agg(dirs, out) == 0
+    (out / "my_eval_notes.md").write_text("results of round 1")  # added by the user afterwards
+    assert _agg(dirs, out, "--overwrite") != 0
+    _one_error_line(capsys, "files fedmomentum did not write", "my_eval_notes.md")
+    assert (out / "my_eval_notes.md").read_text() == "results of round 1"
+
+
 def test_read_only_own_output_is_not_replaced(sb, capsys):
     root, dirs = sb
     out = root / "out"

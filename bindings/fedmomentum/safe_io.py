@@ -166,6 +166,23 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+_LEGACY_FILES = {"adapter_model.safetensors", "adapter_config.json", "residual.safetensors", LEGACY_REPORT_FILE}
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in an earlier output folder that its writer did not record (added by someone else)."""
+    m = read_marker(folder)
+    known = set((m or {}).get("files") or {}) if m is not None else set(_LEGACY_FILES)
+    known.add(MARKER_FILE)
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if rel not in known:
+                found.append(rel)
+    return sorted(found)
+
+
 def write_marker(folder: PathLike, round_id: str, role: str, partner: Optional[Mapping[str, str]] = None,
                  extra: Optional[Mapping] = None) -> dict:
     """Write :data:`MARKER_FILE` into ``folder`` (call it last: it records the files' sizes)."""
@@ -250,6 +267,12 @@ def check_output_target(target: PathLike, *, inputs: Iterable[tuple[str, PathLik
                                   "--overwrite to replace it, or choose a new folder")
             if not _writable_dir(real):
                 raise OutputError(f"{flag} {shown!r} is read-only; refusing to replace it")
+            extra = _foreign_files(real)
+            if extra:
+                more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+                raise OutputError(f"{flag} {shown!r} holds an earlier fedmomentum output plus files fedmomentum did "
+                                  f"not write ({', '.join(extra[:3])}{more}); move them out first, --overwrite "
+                                  "replaces only what fedmomentum wrote")
     parent = real.parent
     while not os.path.lexists(parent):
         parent = parent.parent
