@@ -92,6 +92,10 @@ def run(args) -> int:
         where += f"; merged base model written to {args.merged_out}"
     elif args.residual == "discard":
         where += "; residual discarded"
+    from ..safe_io import read_marker
+    marker = read_marker(args.out)
+    if marker:  # the round id both folders carry (`fedmomentum verify` compares them)
+        where += f" [round {marker['round_id'][:8]}]"
     print(where)
     sys.stdout.flush()
     return 0
