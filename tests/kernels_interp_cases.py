@@ -137,6 +137,23 @@ def test_lowrank_accumulate_low_precision(interp, out_dtype, fac_dtype):
     assert_rule(got, same, ref64, out_dtype)
 
 
+@pytest.mark.parametrize("left_dtype,right_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_lowrank_accumulate_lefts_and_rights_differ(interp, left_dtype, right_dtype):
+    """Lefts in one dtype, rights in another: the launcher runs both in fp32 (one kernel variant)."""
+    ts = [3, 16, 21]
+    lefts = _clients(ts, "left", dtype=left_dtype)
+    rights = _clients(ts, "right", dtype=right_dtype, seed=10)
+    cs = _coeffs(3)
+    out = _randn(M, N, seed=99, dtype=torch.bfloat16)
+    ref64 = out.double()
+    R.lowrank_accumulate_(ref64, [x.double() for x in lefts], [x.double() for x in rights], cs)
+    same = out.clone()
+    R.lowrank_accumulate_(same, lefts, rights, cs)
+    got = out.clone()
+    K.lowrank_accumulate_(got, lefts, rights, cs)
+    assert_rule(got, same, ref64, torch.bfloat16)
+
+
 def test_lowrank_accumulate_strides_mixed_and_empty(interp):
     """Non-contiguous out and factors, a mixed-dtype factor list, t = 0 and zero coefficients."""
     base = _randn(N, M, seed=5)

@@ -99,3 +99,19 @@ def test_core_round_gpu_matches_torch_backend(monkeypatch):
     want = sum(w / 10 * (b.double() @ a.double()) for w, b, a in zip([1, 2, 3, 4], B, A))
     for res in (res_tr, res_t):
         assert float((res.delta() - want).norm() / want.norm()) < 1e-5
+
+
+def test_device_config_is_the_compiled_one():
+    """The config a launch gets on this GPU is the one tests/test_kernels_compile.py compiled for its
+    architecture (same tiles, warps, stages; only target_programs follows this card's SM count)."""
+    import dataclasses
+
+    from fedmomentum_kernels._tables import GPU_TARGETS, arch_of, config_for
+    arch = arch_of(DEV)
+    assert arch.warp_size in (32, 64) and arch.shared_bytes > 0 and arch.num_sms > 0
+    named = [a for a in GPU_TARGETS if (a.backend, a.arch) == (arch.backend, arch.arch)]
+    if not named:
+        pytest.skip(f"{arch.label} is not one of the ahead-of-time compile targets")
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        here, compiled = config_for(torch.device(DEV), dt), config_for(named[0], dt)
+        assert dataclasses.replace(here, target_programs=0) == dataclasses.replace(compiled, target_programs=0)

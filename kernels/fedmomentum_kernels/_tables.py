@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Sequence
 
 import torch
 
 __all__ = ["interpret_mode", "input_precision", "needs_f32_dot", "factor_dtype", "common_dtype", "tall_table",
            "chunk_table", "pair_table", "client_offsets", "GpuArch", "GPU_TARGETS", "arch_of", "KernelConfig",
-           "config_for", "stage_bytes", "Launch"]
+           "config_for", "stage_bytes", "Launch", "TilePolicy"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -132,11 +133,11 @@ class GpuArch:
 _KIB = 1024
 #: max shared memory per block (opt-in), bytes, by NVIDIA compute capability (CUDA C++
 #: Programming Guide, "Technical Specifications per Compute Capability").
-_CUDA_SHARED = {70: 96 * _KIB, 72: 48 * _KIB, 75: 64 * _KIB, 80: 163 * _KIB, 86: 99 * _KIB,
+_CUDA_SHARED = MappingProxyType({70: 96 * _KIB, 72: 48 * _KIB, 75: 64 * _KIB, 80: 163 * _KIB, 86: 99 * _KIB,
                 87: 163 * _KIB, 89: 99 * _KIB, 90: 227 * _KIB, 100: 227 * _KIB, 103: 227 * _KIB,
-                120: 99 * _KIB}
+                120: 99 * _KIB})
 #: LDS per workgroup on AMD CDNA (64 KiB on gfx90a/gfx942; 160 KiB on gfx950).
-_HIP_SHARED = {"gfx90a": 64 * _KIB, "gfx942": 64 * _KIB, "gfx950": 160 * _KIB}
+_HIP_SHARED = MappingProxyType({"gfx90a": 64 * _KIB, "gfx942": 64 * _KIB, "gfx950": 160 * _KIB})
 
 #: The GPUs the kernels are compiled for ahead of time (tests/test_kernels_compile.py).
 GPU_TARGETS: tuple[GpuArch, ...] = (
@@ -198,25 +199,39 @@ def _fit_stages(want: int, per_stage: int, budget: int) -> int:
     return max(1, min(want, budget // max(per_stage, 1)))
 
 
-def config_for(device: torch.device | GpuArch, operands: torch.dtype = torch.float32) -> KernelConfig:
+@dataclass(frozen=True)
+class TilePolicy:
+    """The GPU tile choices :func:`config_for` turns into a :class:`KernelConfig` for one target.
+
+    Why these: 256 threads per program on every target (8 warps of 32 on NVIDIA, 4 wavefronts of 64
+    on AMD), so registers per thread stay the same. bf16/fp16 operands take 128 x 128 output tiles
+    with 32-wide reduction steps; fp32 operands 64 x 128 with 16-wide steps, because the 128 x 128 x 32
+    fp32 tile needs more than the 255 registers an NVIDIA thread has and ptxas spills it (IEEE fp32
+    and TF32 alike). The reduce kernels (Gram, shrink) walk rows 64 at a time (128 rows of fp32 spill
+    on sm_80). Pipeline depth: 3 on NVIDIA, 2 on AMD (Triton's HIP default: its stream pipeliner
+    needs no more to hide global loads), fewer when the target's shared memory cannot hold them.
+    tests/test_kernels_compile.py checks each resulting config on every target in
+    :data:`GPU_TARGETS` (shared memory, registers, spills as the targets' own assemblers report)."""
+
+    threads: int = 256
+    half_tile: tuple[int, int, int] = (128, 128, 32)  # block_m, block_n, block_t for bf16/fp16 operands
+    fp32_tile: tuple[int, int, int] = (64, 128, 16)   # the same for fp32 operands
+    block_r: int = 64
+    block_l: int = 64
+    cuda_stages: int = 3
+    hip_stages: int = 2
+    programs_per_sm: int = 4  # target_programs = this x multiprocessors (compute units)
+
+
+def config_for(device: torch.device | GpuArch, operands: torch.dtype = torch.float32,
+               policy: TilePolicy = TilePolicy()) -> KernelConfig:
     """The launch config for ``device`` (a torch device or a :class:`GpuArch`) and the dtype of the
     operands ``tl.dot`` will see (``operands``: fp32, or the bf16/fp16 of the factors).
 
     Small tiles in the interpreter (so tests cross tile edges on tiny shapes), whatever the dtype.
-    On a GPU the choice depends on the target and the operands:
-
-    * threads: 256 per program (8 warps of 32 on NVIDIA, 4 wavefronts of 64 on AMD), so registers
-      per thread are the same on both;
-    * tiles: 128 x 128 output tiles with 32-wide reduction steps for bf16/fp16 operands; for fp32
-      operands 64 x 128 with 16-wide steps: with fp32 the 128 x 128 x 32 tile needs more than the
-      255 registers a thread has on NVIDIA and spills (ptxas, both IEEE fp32 and TF32);
-    * the reduce kernels (Gram, shrink) walk rows 64 at a time (128 rows of fp32 spill on sm_80);
-    * pipeline stages: as many as the per-block shared memory (LDS) holds, at most 3 on NVIDIA and
-      2 on AMD (Triton's HIP default: its stream pipeliner needs no more to hide global loads);
-    * ``target_programs``: 4 programs per multiprocessor / compute unit.
-
-    tests/test_kernels_compile.py compiles every kernel with the config each target gets here, for
-    every operand dtype, and checks shared memory, registers and spills against the target's limits."""
+    On a GPU, :class:`TilePolicy` for the target: warps from its warp size, tiles from the operand
+    dtype, pipeline stages as many as its per-block shared memory (LDS) holds (at most the
+    policy's depth for the vendor), ``target_programs`` from its multiprocessor count."""
     if isinstance(device, GpuArch):
         arch = device
     else:
@@ -225,12 +240,13 @@ def config_for(device: torch.device | GpuArch, operands: torch.dtype = torch.flo
             return KernelConfig(block_m=32, block_n=32, block_t=16, block_r=32, block_l=16,
                                 num_warps=4, num_stages=1, target_programs=8)
         arch = arch_of(device)
-    warps = 256 // arch.warp_size
+    warps = max(1, policy.threads // arch.warp_size)
     wide = operands == torch.float32
-    base = KernelConfig(block_m=64 if wide else 128, block_n=128, block_t=16 if wide else 32, block_r=64,
-                        block_l=64, num_warps=warps, num_stages=3, target_programs=4 * arch.num_sms,
-                        reduce_warps=warps, reduce_stages=3)
-    depth = 3 if arch.backend == "cuda" else 2
+    bm, bn, bt = policy.fp32_tile if wide else policy.half_tile
+    base = KernelConfig(block_m=bm, block_n=bn, block_t=bt, block_r=policy.block_r, block_l=policy.block_l,
+                        num_warps=warps, num_stages=1, target_programs=policy.programs_per_sm * arch.num_sms,
+                        reduce_warps=warps, reduce_stages=1)
+    depth = policy.cuda_stages if arch.backend == "cuda" else policy.hip_stages
     tile, red = stage_bytes(base, 4 if wide else 2)
     return replace(base, num_stages=_fit_stages(depth, tile, arch.shared_bytes),
                    reduce_stages=_fit_stages(depth, red, arch.shared_bytes))
