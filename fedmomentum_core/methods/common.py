@@ -155,9 +155,10 @@ def _check_outputs(inp: LayerInput, opt: Options, parts) -> None:
         if t is None or t.numel() == 0 or bool(torch.isfinite(t).all()):
             continue
         if t.dtype != opt.compute_dtype:  # the cast to the output dtype overflowed
+            wider = {torch.float16: "torch.float32 (or torch.bfloat16, which has float32's range)",
+                     torch.bfloat16: "torch.float32", torch.float32: "torch.float64"}.get(t.dtype, "a wider dtype")
             fix = (f"its largest finite value is {torch.finfo(t.dtype).max:.4g}: cast the clients' "
-                   f"factors to torch.float32 (or bfloat16: same range as float32) so the adapter "
-                   f"comes back in that dtype, or pass a larger out_scaling (the adapter's LoRA scale s: "
+                   f"factors to {wider} (the adapter comes back in the clients' dtype), or pass a larger out_scaling (the adapter's LoRA scale s: "
                    f"B and A shrink by √s; the adapter config's lora_alpha must then match)")
             if opt.split == "left":
                 fix += ", or split='balanced' (spreads σ over B and A instead of putting it all in B)"
@@ -172,14 +173,16 @@ def _check_outputs(inp: LayerInput, opt: Options, parts) -> None:
 def finish(inp: LayerInput, opt: Options, *, B, A, residual, sv, kept, dropped, method, solver,
            exact, info=None) -> AggregationResult:
     """The result: B and A cast to the input dtype, the residual kept unless ``residual="none"``.
-    Raises ValueError (naming the layer, the dtype and the remedy) when an output is not finite:
-    nothing with NaN/Inf is ever returned."""
+    Raises ValueError (naming the layer, the dtype and the remedy) when B or A is not finite after
+    the cast, or the spectrum is not: nothing with NaN/Inf is returned."""
     out_B = None if B is None else B.to(inp.dtype).contiguous()
     out_A = A.to(inp.dtype).contiguous()
     res = residual if opt.residual != "none" else None
-    _check_outputs(inp, opt, [("B", out_B), ("A", out_A)]
-                   + ([("the residual's left factor", res.left), ("the residual's right factor", res.right)]
-                      if res is not None else []))
+    # B and A are scanned after the cast (O((m+n)·r)); the residual is not cast (compute dtype) and
+    # is built from finite inputs (validated) and the same finite small matrices, so a finite
+    # spectrum is enough for it: scanning its (m+n)·R entries would cost a pass over the stacks
+    _check_outputs(inp, opt, [("B", out_B), ("A", out_A),
+                              ("the singular values", None if sv is None else sv.reshape(-1))])
     return AggregationResult(
         B=out_B, A=out_A, residual=res,
         singular_values=sv.detach().to(torch.float32).cpu() if sv is not None else torch.zeros(0),
