@@ -743,13 +743,22 @@ def _stale_names(t: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- input warnings
 
-def _digest(p: Path) -> Optional[str]:
+def _digest(p: Path, sample: bool = False) -> Optional[str]:
+    """blake2b of a file; ``sample=True``: of its first and last MiB only (a cheap first pass, so
+    that K same-sized adapters are not all read twice)."""
     import hashlib
     h = hashlib.blake2b(digest_size=16)
     try:
         with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            if sample:
+                h.update(f.read(1 << 20))
+                size = os.fstat(f.fileno()).st_size
+                if size > 2 << 20:
+                    f.seek(size - (1 << 20))
+                    h.update(f.read(1 << 20))
+            else:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     except OSError:
         return None
     return h.hexdigest()
@@ -778,6 +787,10 @@ def input_warnings(adapter_dirs: Sequence[PathLike], weights_file: str = "adapte
     for ks in by_size.values():
         if len(ks) < 2:
             continue
+        by_sample: dict[Optional[str], list[int]] = {}
+        for k in ks:
+            by_sample.setdefault(_digest(dirs[k] / weights_file, sample=True), []).append(k)
+        ks = sorted(k for sm, group in by_sample.items() if sm is not None and len(group) > 1 for k in group)
         digests: dict[str, int] = {}
         for k in ks:
             dg = _digest(dirs[k] / weights_file)
