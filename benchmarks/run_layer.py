@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, sampled_rel_err, timeit, timeit_interleaved, write_csv  # noqa: E402
 
 import fedmomentum as fm  # noqa: E402
-from fedmomentum.cli.demo import synthetic_round  # noqa: E402
+from fedmomentum_core.synthetic import synthetic_round  # noqa: E402
 from fedmomentum_core.baselines import dense_full_svd, dense_svd_lowrank, stacked_factors  # noqa: E402
 from fedmomentum_core.validate import validate_layer  # noqa: E402
 

@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from fedmomentum_core.synthetic import synthetic_round  # noqa: F401  (the one generator; kept importable here)
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="aggregate a built-in synthetic round, time every solver and "
@@ -16,16 +18,6 @@ def register(sub) -> None:
     p.add_argument("--no-full-svd", action="store_true",
                    help="skip the dense + full SVD baseline (the slow one)")
     p.set_defaults(func=run)
-
-
-def synthetic_round(m: int, n: int, K: int, r: int, seed: int = 0, dtype=torch.float32):
-    """K clients' (B_k, A_k) like trained LoRA factors (A ~ kaiming-uniform, B small Gaussian),
-    sample counts as weights."""
-    g = torch.Generator().manual_seed(seed)
-    B = [torch.randn(m, r, generator=g, dtype=dtype) * 0.02 for _ in range(K)]
-    A = [(torch.rand(r, n, generator=g, dtype=dtype) * 2 - 1) / n ** 0.5 for _ in range(K)]
-    weights = torch.randint(50, 500, (K,), generator=g).tolist()
-    return B, A, weights
 
 
 def _time(fn, repeat: int = 3):
