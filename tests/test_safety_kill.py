@@ -122,7 +122,6 @@ def _complete(folder: Path) -> None:
 
 
 def test_sigkill_anywhere_never_leaves_a_silent_mismatch(tmp_path, capsys):
-    t_start = time.time()
     base = build_llama_base(tmp_path / "base")
     dirs = build_clients(base, tmp_path / "clients", [dict(r=4, lora_alpha=8)] * 2, seed=11)
     work = tmp_path / "round"
@@ -230,4 +229,3 @@ def test_sigkill_anywhere_never_leaves_a_silent_mismatch(tmp_path, capsys):
     assert outcomes[("installed:merged_base", False, False)] == "reported"
     assert outcomes[("planned", False, False)] == "nothing"
     assert len(points) >= 20
-    assert time.time() - t_start < 120

@@ -6,11 +6,9 @@ named, installed the merged base before the adapter, had no lock, left stale tem
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
