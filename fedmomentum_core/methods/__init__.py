@@ -21,9 +21,11 @@ one module per family: :mod:`.spectral`, :mod:`.averaging`, :mod:`.restart`.
 from .registry import METHODS, RESIDUAL_KINDS, MethodSpec, get_method, register_method
 from .common import Options
 from . import averaging, restart, spectral  # noqa: F401  (fill the registry)
+from ..options import SolverTuning
 
-#: kept for callers of the old module: the default batched-engine chunk (SolverTuning.batch_bytes)
-BATCH_BYTES = 256 * 2 ** 20
+#: kept for callers of the old module: the default batched-engine chunk; pass
+#: ``tuning=SolverTuning(batch_bytes=...)`` to change it
+BATCH_BYTES = SolverTuning().batch_bytes
 
 __all__ = ["METHODS", "MethodSpec", "RESIDUAL_KINDS", "get_method", "register_method", "aggregate_layer",
            "aggregate_layers", "Options", "BATCH_BYTES"]
