@@ -292,11 +292,9 @@ def test_simulation_two_rounds_three_clients_exact(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLE), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    for mod in ("task", "client_app", "server_app"):
-        sys.modules.pop(mod, None)
-    task = importlib.import_module("task")
-    client_app = importlib.import_module("client_app")
-    server_app = importlib.import_module("server_app")
+    task = importlib.import_module("fedmomentum_app.task")
+    client_app = importlib.import_module("fedmomentum_app.client_app")
+    server_app = importlib.import_module("fedmomentum_app.server_app")
     from flwr.simulation import run_simulation
 
     class Recording(server_app.CheckedFedMomentum):

@@ -348,7 +348,7 @@ class FedMomentumStrategy(FedAvg):
         self.last_aggregation = None
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.round_nodes: dict[int, dict[str, list[int]]] = {}
-        self._sent: dict[tuple[str, int], list[int]] = {}   # (train|evaluate, round) -> nodes
+        self._sent: dict[tuple[str, int], list[Message]] = {}  # (train|evaluate, round) -> messages
 
     # ---------------------------------------------------------------- logging
     def summary(self) -> None:
@@ -383,11 +383,21 @@ class FedMomentumStrategy(FedAvg):
         self._acked.pop(node, None)
         self._pending.pop(node, None)
 
+    def _reply_node(self, msg: Message, by_id: Mapping[str, int]) -> int:
+        """The node a reply answers for: its source, or, for an error the SuperLink wrote on the
+        node's behalf (node unavailable, message expired), the instruction's destination."""
+        return by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     def _missing(self, kind: str, server_round: int, replies: list[Message]) -> list[int]:
-        sent = self._sent.pop((kind, server_round), None)
-        if sent is None:
+        """Sampled nodes whose reply did not arrive, logged; error replies the SuperLink
+        produced for a node are attributed to that node (``_reply_node``)."""
+        msgs = self._sent.pop((kind, server_round), None)
+        if msgs is None:
             return []
-        got = {m.metadata.src_node_id for m in replies}
+        sent = [m.metadata.dst_node_id for m in msgs]
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+        self._reply_nodes = {id(m): self._reply_node(m, by_id) for m in replies}
+        got = set(self._reply_nodes.values())
         missing = sorted(n for n in sent if n not in got)
         if missing:
             log(WARNING, "aggregate_%s: round %d: no reply from node(s) %s (%d of %d sampled "
@@ -407,7 +417,7 @@ class FedMomentumStrategy(FedAvg):
         self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
         msgs = self._attach_residuals(super().configure_train(server_round, arrays, config, grid),
                                       server_round - 1)
-        self._sent[("train", server_round)] = [m.metadata.dst_node_id for m in msgs]
+        self._sent[("train", server_round)] = msgs
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -415,7 +425,7 @@ class FedMomentumStrategy(FedAvg):
         """FedAvg's evaluate messages, plus residual rounds up to this one (exact evaluation)."""
         msgs = self._attach_residuals(super().configure_evaluate(server_round, arrays, config, grid),
                                       server_round)
-        self._sent[("evaluate", server_round)] = [m.metadata.dst_node_id for m in msgs]
+        self._sent[("evaluate", server_round)] = msgs
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
@@ -489,9 +499,10 @@ class FedMomentumStrategy(FedAvg):
         candidates = []
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "aggregate_train: dropping error reply from node %s: %s",
-                    msg.metadata.src_node_id, msg.error.reason)
-                self._nack(msg.metadata.src_node_id)
+                node = getattr(self, "_reply_nodes", {}).get(id(msg), msg.metadata.src_node_id)
+                log(WARNING, "aggregate_train: dropping error reply for node %s: %s",
+                    node, msg.error.reason)
+                self._nack(node)
                 dropped += 1
             elif not msg.has_content():
                 log(WARNING, "aggregate_train: dropping empty reply from node %s",
@@ -538,13 +549,15 @@ class FedMomentumStrategy(FedAvg):
         replies = list(replies)
         missing = self._missing("train", server_round, replies)
         good, dropped = self._valid_replies(replies)
-        aggregated = [m.metadata.src_node_id for m, *_ in good]
+        node_of = getattr(self, "_reply_nodes", {})
+        src = [node_of.get(id(m), m.metadata.src_node_id) for m in replies]
+        aggregated = [node_of.get(id(m), m.metadata.src_node_id) for m, *_ in good]
         self.round_nodes[server_round] = {
-            "sent": sorted(set(aggregated) | {m.metadata.src_node_id for m in replies} | set(missing)),
+            "sent": sorted(set(src) | set(missing)),
             "aggregated": aggregated,
-            "failed": sorted(m.metadata.src_node_id for m in replies
-                             if m.metadata.src_node_id not in aggregated),
+            "failed": sorted(n for n in src if n not in aggregated),
             "missing": missing}
+        self._reply_nodes = {}
         log(INFO, "aggregate_train: %d replies aggregated, %d dropped, %d missing", len(good),
             dropped, len(missing))
         if not good:

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+import fedmomentum
 from fedmomentum.flower import FedMomentumStrategy, weight_key
 
 from . import artifacts, task
@@ -86,7 +87,8 @@ class ArtifactFedMomentum(CheckedFedMomentum):
             for name, lr in res.items():
                 sd[name + ".residual_left"] = lr.left
                 sd[name + ".residual_right"] = lr.right
-            artifacts.save_tensors(where / "residual.safetensors", sd)
+            if sd:   # no file: this round left no residual (e.g. one reply, rank <= r)
+                artifacts.save_tensors(where / "residual.safetensors", sd)
         artifacts.save_json(where / "round.json", {
             "weights": weights, "nodes": self.round_nodes.get(server_round, {}),
             "aggregated": arrays is not None,
@@ -115,9 +117,12 @@ def run(grid: Grid, cfg: AppConfig, *, check: bool = True, strategy_cls=None):
     strategy = build_strategy(cfg, model, strategy_cls)
     if cfg.output_dir:
         out = Path(cfg.output_dir) / "server"
-        artifacts.save_json(out / "run.json", {**asdict(cfg), "scale": cfg.lora_alpha / cfg.lora_r})
+        artifacts.save_json(out / "run.json", {**asdict(cfg), "scale": cfg.lora_alpha / cfg.lora_r,
+                                               "fedmomentum-file": fedmomentum.__file__})
         artifacts.save_tensors(out / "base-initial.safetensors",
-                               {k: v for k, v in task.effective_weights(model).items()})
+                               {name: mod.get_base_layer().weight for name, mod in model.named_modules()
+                                if hasattr(mod, "get_base_layer") and hasattr(mod, "lora_A")})
+        artifacts.save_tensors(out / "global-initial.safetensors", task.adapter_state_dict(model))
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(task.adapter_state_dict(model)),
         num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
