@@ -89,24 +89,6 @@ def _has(job, name) -> bool:
         return False
 
 
-def _canaries(jobs, C):
-    """The pre-issue fp32 tile of lowrank_accumulate_ on sm_80 and sm_90, a 256-wide bf16 tile on gfx942."""
-    import dataclasses
-    out = []
-    for label, dt, blocks, stages, what in (
-            ("sm_80", "out=fp32 L=fp32 R=fp32", (128, 128, 32), 3, "pre-issue fp32 tile"),
-            ("sm_90", "out=fp32 L=fp32 R=fp32", (128, 128, 32), 3, "pre-issue fp32 tile"),
-            ("gfx942", "out=bf16 L=bf16 R=bf16", (256, 256, 64), 2, "oversized bf16 tile")):
-        job = next(j for j in jobs if j.arch.label == label and j.kernel_name == "_lowrank_accumulate_kernel"
-                   and any(u[1] == dt and u[2] == "ieee" for u in j.uses))
-        fn = C.jit_kernels()[job.kernel]
-        cex = dict(job.constexprs)
-        for name, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_T"), blocks):
-            cex[(fn.arg_names.index(name),)] = v
-        out.append(dataclasses.replace(job, constexprs=cex, num_stages=stages, uses=((what, dt, "ieee"),)))
-    return out
-
-
 def write_compile_table(out_dir) -> None:
     """Compile the whole matrix (as tests/test_kernels_compile.py does) and write the table."""
     import os
@@ -121,7 +103,7 @@ def write_compile_table(out_dir) -> None:
     from triton.backends.nvidia.compiler import get_ptxas
 
     jobs = C.matrix()
-    canaries = _canaries(jobs, C)
+    canaries = C.canaries(jobs)
     everything, wall = C.compile_all(jobs + canaries)
     results, canary_results = everything[:len(jobs)], everything[len(jobs):]
     rows = []

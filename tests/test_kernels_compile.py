@@ -36,27 +36,11 @@ TARGETS = {a.label: a for a in GPU_TARGETS}
 STATED_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024, "sm_100": 227 * 1024, "gfx942": 64 * 1024}
 
 
-def _canaries(jobs: list[C.CompileJob]) -> list[C.CompileJob]:
-    """Two configs the checks must reject: the pre-issue fp32 tile of ``lowrank_accumulate_``
-    (128 x 128 x 32, 3 stages) on sm_80, which ptxas spills, and 256 x 256 x 64 bf16 tiles on gfx942."""
-    out = []
-    for label, dt, blocks, stages in (("sm_80", "out=fp32 L=fp32 R=fp32", (128, 128, 32), 3),
-                                      ("gfx942", "out=bf16 L=bf16 R=bf16", (256, 256, 64), 2)):
-        job = next(j for j in jobs if j.arch.label == label and j.kernel_name == "_lowrank_accumulate_kernel"
-                   and any(u[1] == dt and u[2] == "ieee" for u in j.uses))
-        fn = C.jit_kernels()[job.kernel]
-        cex = dict(job.constexprs)
-        for name, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_T"), blocks):
-            cex[(fn.arg_names.index(name),)] = v
-        out.append(dataclasses.replace(job, constexprs=cex, num_stages=stages, uses=(("canary", dt, "ieee"),)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def compiled():
     t0 = time.perf_counter()
     jobs = C.matrix()
-    canaries = _canaries(jobs)
+    canaries = C.canaries(jobs)
     results, wall = C.compile_all(jobs + canaries)
     n = len(jobs)
     print(f"\ncompile matrix: {n} kernels compiled in {wall:.1f} s wall on {os.cpu_count()} CPUs "
@@ -157,8 +141,9 @@ def test_binaries_are_elf_objects(compiled):
 
 
 def test_checks_reject_configs_that_do_not_fit(compiled):
-    """The spill checks are not vacuous: the old fp32 tile spills on sm_80, 256-wide bf16 tiles on gfx942."""
+    """The spill checks are not vacuous: the old fp32 tile size spills on sm_80 and sm_90, 256-wide bf16
+    tiles on gfx942."""
     _, canaries = compiled
-    assert len(canaries) == 2
+    assert len(canaries) == 3
     for r in canaries:
         assert C.violations(r), f"{r.job.arch.label}: expected a violation, got {r}"

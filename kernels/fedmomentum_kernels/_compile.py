@@ -44,7 +44,7 @@ import torch
 from ._tables import GPU_TARGETS, GpuArch, KernelConfig, Launch
 
 __all__ = ["Variant", "CompileJob", "CompileResult", "CASES", "PRECISIONS", "matrix", "compile_job",
-           "compile_all", "register_limit", "gpu_target", "violations", "jit_kernels"]
+           "compile_all", "register_limit", "gpu_target", "violations", "jit_kernels", "canaries"]
 
 #: the values :func:`._tables.input_precision` can return (``tl.dot`` precision of fp32 operands)
 PRECISIONS = ("ieee", "tf32")
@@ -335,4 +335,25 @@ def violations(res: CompileResult) -> list[str]:
         out.append(f"spills: {res.spill_bytes} (bytes on NVIDIA, VGPR count + scratch bytes on AMD)")
     if res.stack_bytes != 0:
         out.append(f"stack / scratch {res.stack_bytes} B")
+    return out
+
+
+def canaries(jobs: list[CompileJob]) -> list[CompileJob]:
+    """Configs :func:`violations` must reject, built from ``jobs`` (so they track the launchers too):
+    the fp32 tile size ``lowrank_accumulate_`` had before issue 16 (128 x 128 x 32, 3 stages) on
+    sm_80 and sm_90, which ptxas spills, and a 256 x 256 x 64 bf16 tile on gfx942."""
+    import dataclasses
+    fns = jit_kernels()
+    out = []
+    for label, dt, blocks, stages, what in (
+            ("sm_80", "out=fp32 L=fp32 R=fp32", (128, 128, 32), 3, "pre-issue fp32 tile"),
+            ("sm_90", "out=fp32 L=fp32 R=fp32", (128, 128, 32), 3, "pre-issue fp32 tile"),
+            ("gfx942", "out=bf16 L=bf16 R=bf16", (256, 256, 64), 2, "oversized bf16 tile")):
+        job = next(j for j in jobs if j.arch.label == label and j.kernel_name == "_lowrank_accumulate_kernel"
+                   and any(u[1] == dt and u[2] == "ieee" for u in j.uses))
+        fn = fns[job.kernel]
+        cex = dict(job.constexprs)
+        for name, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_T"), blocks):
+            cex[(fn.arg_names.index(name),)] = v
+        out.append(dataclasses.replace(job, constexprs=cex, num_stages=stages, uses=((what, dt, "ieee"),)))
     return out
