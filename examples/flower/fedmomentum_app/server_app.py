@@ -101,7 +101,7 @@ def build_strategy(cfg: AppConfig, model, strategy_cls=None) -> FedMomentumStrat
     strategy_cls = strategy_cls or ArtifactFedMomentum
     kwargs = dict(
         method=cfg.method, rank=cfg.lora_r, solver=cfg.solver, residual=cfg.residual,
-        lora_config=task.lora_config(cfg.lora_r, cfg.lora_alpha), base=model,
+        lora_config=model.peft_config["default"], base=model,   # as in FLOWERTUNE.md
         accept_failures=cfg.accept_failures,
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes,
