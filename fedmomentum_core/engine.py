@@ -32,7 +32,8 @@ def resolve_options(options: Optional[AggregateOptions], pre: str = "", **kw) ->
     if options is not None:
         if not isinstance(options, AggregateOptions):
             raise TypeError(f"{pre}options must be an AggregateOptions, got {type(options).__name__}")
-        changed = [k for k, v in kw.items() if not _same(v, getattr(_DEFAULTS, k))]
+        changed = [k for k, v in kw.items()
+                   if not _same(v, None if k == "method_options" else getattr(_DEFAULTS, k))]
         if changed:
             raise TypeError(f"{pre}pass either options= or the keywords {changed}, not both")
         return options
@@ -67,7 +68,7 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
                     generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
                     tau: Optional[float] = None, name: Optional[str] = None,
                     options: Optional[AggregateOptions] = None,
-                    tuning: Optional[SolverTuning] = None) -> AggregationResult:
+                    tuning: Optional[SolverTuning] = None, method_options=None) -> AggregationResult:
     """Aggregate one layer's K client LoRA factors (see ``fedmomentum.aggregate_lora`` for the
     keywords; ``options`` passes them as one :class:`AggregateOptions` instead, ``tuning`` the
     solvers' :class:`SolverTuning`).
@@ -81,7 +82,8 @@ def aggregate_layer(B, A, weights=None, *, rank=None, scalings=1.0, out_scaling=
     pre = layer_prefix(name)
     agg = resolve_options(options, pre, method=method, solver=solver, residual=residual, split=split,
                           compute_dtype=compute_dtype, generator=generator,
-                          residual_energy=residual_energy, tau=tau, rank=rank)
+                          residual_energy=residual_energy, tau=tau, rank=rank,
+                          method_options=method_options)
     tun = _tuning(tuning, pre)
     with torch.no_grad():
         return _aggregate_one(B, A, weights, scalings, out_scaling, name, agg, tun)
@@ -107,7 +109,7 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
                      split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
                      generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
                      tau: Optional[float] = None, options: Optional[AggregateOptions] = None,
-                     tuning: Optional[SolverTuning] = None) -> list[AggregationResult]:
+                     tuning: Optional[SolverTuning] = None, method_options=None) -> list[AggregationResult]:
     """Aggregate several layers at once; same-shaped layers share batched work.
 
     ``layers`` is a sequence of ``(B_list, A_list)`` pairs; ``weights``, ``scalings`` and
@@ -126,7 +128,8 @@ def aggregate_layers(layers, weights=None, *, names=None, rank=None, scalings=1.
         raise ValueError(f"{len(names)} names for {len(layers)} layers")
     agg = resolve_options(options, "", method=method, solver=solver, residual=residual, split=split,
                           compute_dtype=compute_dtype, generator=generator,
-                          residual_energy=residual_energy, tau=tau, rank=rank)
+                          residual_energy=residual_energy, tau=tau, rank=rank,
+                          method_options=method_options)
     tun = _tuning(tuning, "")
     with torch.no_grad():
         return _aggregate_many(layers, weights, names, scalings, out_scaling, agg, tun)

@@ -5,8 +5,8 @@ points down to the solvers. Tests and benchmarks change behaviour by passing a d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -89,6 +89,10 @@ class AggregateOptions:
 
     ``rank`` None means each layer's largest client rank; it is checked against each layer's
     min(m, n) by :meth:`layer_rank`.
+
+    ``method_options``: the method's own inputs (e.g. ``{"round": 3, "reference": (B, A)}``),
+    checked against the registry's :attr:`MethodSpec.options` and stored resolved (defaults
+    filled in, read-only). Not compared or hashed (it may hold tensors).
     """
 
     method: str = "fedmomentum"
@@ -100,11 +104,13 @@ class AggregateOptions:
     residual_energy: float = 1.0
     tau: Optional[float] = None
     rank: Optional[int] = None
+    method_options: Optional[Mapping[str, Any]] = field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         from .methods.registry import METHODS  # the registry is filled when the package loads
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        object.__setattr__(self, "method_options", METHODS[self.method].resolve_options(self.method_options))
         if self.solver not in SOLVER_NAMES:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {list(SOLVER_NAMES)}")
         if self.residual not in RESIDUAL_MODES:

@@ -55,7 +55,8 @@ def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
                    method: str = "fedmomentum", solver: str = "auto", residual: str = "factored",
                    split: str = "balanced", compute_dtype: torch.dtype = torch.float32,
                    generator: Optional[torch.Generator] = None, residual_energy: float = 1.0,
-                   tau: Optional[float] = None, name: Optional[str] = None) -> AggregationResult:
+                   tau: Optional[float] = None, name: Optional[str] = None,
+                   method_options: Optional[dict] = None) -> AggregationResult:
     """Aggregate one layer's K client LoRA adapters.
 
     Args:
@@ -66,7 +67,7 @@ def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
         scalings: LoRA scale s_k per client (one float or K floats: α/r_k, or α/√r_k for rsLoRA).
         out_scaling: s of the returned adapter; default the common s_k (ValueError if they differ).
         method: one of ``fedmomentum.METHODS`` (fedmomentum, fedit, ffa_lora, fedsa_lora, flora,
-            fedex_lora, florist).
+            fedex_lora, florist, flexlora, hetlora, fedsvd, rolora, fedrot_lora, ilora).
         solver: ``auto`` (cost model in ``fedmomentum_core.planner.choose_solver``), ``exact``,
             ``randomized`` or ``dense``.
         residual: ``factored`` (the SVD tail as a :class:`LowRank`, rank ≤ R − r, orthonormal left
@@ -79,15 +80,22 @@ def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
             the rest (the paper's three-way split; 1.0 = exact).
         tau: energy threshold of ``florist`` (default 0.9).
         name: the layer's name, used in error messages.
+        method_options: the method's own inputs, e.g. ``{"round": 3, "reference": (B_prev, A_prev),
+            "lam": 0.5}`` for fedrot_lora, ``{"round": t}`` for rolora, ``{"client_ranks": [...]}``
+            for flexlora/hetlora; ``METHODS[method].options`` lists what each accepts (an unknown or
+            missing option is a ValueError naming the method and what it accepts).
 
     Returns:
         :class:`AggregationResult` with ``out_scaling·B@A + residual.left@residual.right ==
-        Σ_k p_k s_k B_k A_k`` for the exact methods.
+        Σ_k p_k s_k B_k A_k`` for the exact methods. Methods with the ``per_client`` trait
+        (flexlora, hetlora) also give ``result.info["per_client"]``: K ``(B_k, A_k)`` of rank r_k,
+        scale ``out_scaling``, that client k loads next round.
     """
     return _aggregate_layer(B, A, weights, rank=rank, scalings=scalings, out_scaling=out_scaling,
                             method=method, solver=solver, residual=residual, split=split,
                             compute_dtype=compute_dtype, generator=generator,
-                            residual_energy=residual_energy, tau=tau, name=name)
+                            residual_energy=residual_energy, tau=tau, name=name,
+                            method_options=method_options)
 
 
 def merge_residual_(W: torch.Tensor, residual: Optional[LowRank], alpha: float = 1.0) -> torch.Tensor:
