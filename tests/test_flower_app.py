@@ -137,6 +137,10 @@ def test_flwr_run_local_simulation(tmp_path):
         assert status == ["finished:completed", "finished:failed"], runs
         print(f"flwr run simulation test: {time.monotonic() - t0:.1f} s")
     finally:
+        ours = ps_lines(procs.tag)
         left = procs.stop_all()
-        print("ps before:", *before, "ps after:", *ps_lines(), sep="\n  ")
+        print("flower processes before (any session):", *before,
+              "this test's processes before teardown (incl. the detached local SuperLink):", *ours,
+              "this test's processes after teardown:", *left,
+              "flower processes after (any session):", *ps_lines(), sep="\n  ")
     assert left == [], left

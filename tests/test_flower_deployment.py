@@ -85,7 +85,7 @@ def deployment(tmp_path):
         f'[superlink.deployment]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     try:
         procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(link)])
+                                  "--port", str(link), "--disable-runtime-dependency-installation"])
         wait_for(lambda: _healthy(link), 60, "the SuperLink's /health", procs)
         procs.start("supernode-a", [
             "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
@@ -96,9 +96,13 @@ def deployment(tmp_path):
             "--port", str(node_b), "--node-config", "partition-id=1 num-partitions=2"])
         yield procs
     finally:
+        ours = ps_lines(procs.tag)
         left = procs.stop_all()
-        after = ps_lines()
-        print("ps before:", *before, "ps after:", *after, sep="\n  ")
+        print("flower processes before (any session):", *before,
+              "this test's processes before teardown:", *ours,
+              "this test's processes after teardown:", *left,
+              "flower processes after (any session, e.g. a concurrent pytest):", *ps_lines(),
+              sep="\n  ")
         assert left == [], f"processes left behind: {left}"
         for name, port in procs.ports.items():
             assert wait_for(lambda: port_is_free(port), 10, f"port {port} ({name}) to be released")
