@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedmomentum_core import METHODS, AggregateOptions, SolverTuning, aggregate_layer, aggregate_layers
+from method_cases import method_case
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,20 +154,19 @@ def test_grad_inputs_then_normal_call():
 @pytest.mark.parametrize("solver", ["exact", "randomized", "dense"])
 def test_no_autograd_history(method, solver):
     B, A = clients(64, 48, [4, 4, 4], 9)
-    if method == "ffa_lora":
-        A = [A[0]] * 3
+    B, A, kw = method_case(method, B, A)
     Bg = [b.clone().requires_grad_(True) for b in B]
     Ag = [a.clone().requires_grad_(True) for a in A]
     if method == "florist" and solver == "randomized":
         pytest.skip("florist needs the full spectrum")
-    res = aggregate_layer(Bg, Ag, method=method, solver=solver, rank=4)
+    res = aggregate_layer(Bg, Ag, method=method, solver=solver, rank=4, **kw)
     outs = [res.B, res.A, res.singular_values]
     if res.residual is not None:
         outs += [res.residual.left, res.residual.right]
     for t in outs:
         if t is not None:
             assert not t.requires_grad and t.grad_fn is None, (method, solver)
-    batched = aggregate_layers([(Bg, Ag)] * 2, method=method, solver=solver, rank=4)
+    batched = aggregate_layers([(Bg, Ag)] * 2, method=method, solver=solver, rank=4, **kw)
     for r in batched:
         assert r.A.grad_fn is None and not r.A.requires_grad
 

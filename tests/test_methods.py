@@ -16,7 +16,8 @@ W = [1, 2, 3]
 
 def test_registry_has_all_methods():
     assert set(fm.METHODS) == {"fedmomentum", "fedit", "ffa_lora", "fedsa_lora", "flora",
-                               "fedex_lora", "florist"}
+                               "fedex_lora", "florist", "flexlora", "hetlora", "fedsvd", "rolora",
+                               "fedrot_lora", "ilora"}
     for name, spec in fm.METHODS.items():
         assert spec.name == name
         assert spec.fn.__doc__ and "20" in spec.paper  # cites its paper (year)

@@ -11,7 +11,7 @@ import torch
 
 from ..validate import LayerInput
 from .common import Options
-from .registry import MethodOption
+from .registry import REQUIRED, MethodOption
 
 __all__ = ["ROUND", "LAM", "CLIENT_RANKS", "REFERENCE", "client_ranks", "shared_factor",
            "svd_of_product", "polar", "same_ranks"]
@@ -51,7 +51,7 @@ def _reference(v):
     return (v[0], v[1])
 
 
-ROUND = MethodOption("round", "the round being aggregated, an int >= 0", check=_round)
+ROUND = MethodOption("round", "the round being aggregated, an int >= 0", default=REQUIRED, check=_round)
 LAM = MethodOption("lam", "soft-rotation strength in [0, 1]", default=0.5, check=_lam)
 CLIENT_RANKS = MethodOption("client_ranks", "K ints, client k's rank for the next round; None: "
                                             "each client's own rank", default=None, check=_ranks)

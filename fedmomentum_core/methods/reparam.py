@@ -73,12 +73,13 @@ def ilora(inp: LayerInput, opt: Options) -> AggregationResult:
 
 
 def ilora_init(W0: torch.Tensor, rank: int, scaling: float = 1.0, *,
-               compute_dtype: torch.dtype = torch.float32):
+               compute_dtype: torch.dtype = None):
     """ILoRA's round-0 QR initialisation of one layer: W0 = QR, B = Q[:, :r], A = R[:r, :]/s and
     the new base W0 − s·B·A, so that the model (base + s·B·A) is unchanged. Only the leading r
     columns are factored: Householder QR's first r columns of Q are the QR of W0[:, :r], and
     R[:r, :] = Q_rᵀ W0 (cost O(m n r), not a full QR). The new base is m x n by nature (it *is*
-    the base weight). Returns (B m x r, A r x n, W_new), in W0's dtype.
+    the base weight). Computes in ``compute_dtype`` (default float64 for a float64 W0, else
+    float32). Returns (B m x r, A r x n, W_new), in W0's dtype.
     """
     if not isinstance(W0, torch.Tensor) or W0.dim() != 2 or not W0.dtype.is_floating_point:
         raise ValueError(f"ilora_init: W0 must be a 2-D floating tensor, got "
@@ -88,6 +89,8 @@ def ilora_init(W0: torch.Tensor, rank: int, scaling: float = 1.0, *,
         raise ValueError(f"ilora_init: rank must be an int in [1, min(m, n) = {min(m, n)}], got {rank!r}")
     if not scaling or scaling != scaling:
         raise ValueError(f"ilora_init: scaling must be finite and non-zero, got {scaling}")
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if W0.dtype == torch.float64 else torch.float32
     W = W0.to(compute_dtype)
     Q = torch.linalg.qr(W[:, :rank], mode="reduced").Q
     Rr = Q.T @ W
