@@ -1,7 +1,8 @@
 """Scratch memory kept between calls, made so that it cannot change the next call.
 
 A stack written into memory fresh from the OS pays a page fault per page; a buffer kept from the
-previous call is already mapped (``benchmarks/results/`` has the measured difference). The rules
+previous call is already mapped (``benchmarks/results/core_refactor_cpu.md`` has the measured
+difference). The rules
 that make reuse safe:
 
 * only scratch goes here: the exact solver's stacks when nothing returned views them;
