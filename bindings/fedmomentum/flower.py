@@ -554,7 +554,7 @@ class FedMomentumStrategy(FedAvg):
         aggregated = [node_of.get(id(m), m.metadata.src_node_id) for m, *_ in good]
         self.round_nodes[server_round] = {
             "sent": sorted(set(src) | set(missing)),
-            "aggregated": aggregated,
+            "aggregated": sorted(aggregated),
             "failed": sorted(n for n in src if n not in aggregated),
             "missing": missing}
         self._reply_nodes = {}
