@@ -349,6 +349,7 @@ class FedMomentumStrategy(FedAvg):
         self.round_metrics: dict[int, dict[str, float]] = {}
         self.round_nodes: dict[int, dict[str, list[int]]] = {}
         self._sent: dict[tuple[str, int], list[Message]] = {}  # (train|evaluate, round) -> messages
+        self._reply_nodes: dict[int, int] = {}  # id(reply) -> node, for the replies being aggregated
 
     # ---------------------------------------------------------------- logging
     def summary(self) -> None:
@@ -391,6 +392,7 @@ class FedMomentumStrategy(FedAvg):
     def _missing(self, kind: str, server_round: int, replies: list[Message]) -> list[int]:
         """Sampled nodes whose reply did not arrive, logged; error replies the SuperLink
         produced for a node are attributed to that node (``_reply_node``)."""
+        self._reply_nodes = {}
         msgs = self._sent.pop((kind, server_round), None)
         if msgs is None:
             return []
@@ -434,7 +436,8 @@ class FedMomentumStrategy(FedAvg):
         self._missing("evaluate", server_round, replies)
         for m in replies:
             if m.has_error():
-                self._nack(m.metadata.src_node_id)
+                self._nack(self._reply_nodes.get(id(m), m.metadata.src_node_id))
+        self._reply_nodes = {}
         self._ack(m for m in replies if not m.has_error())
         return super().aggregate_evaluate(server_round, replies)
 
@@ -499,7 +502,7 @@ class FedMomentumStrategy(FedAvg):
         candidates = []
         for msg in replies:
             if msg.has_error():
-                node = getattr(self, "_reply_nodes", {}).get(id(msg), msg.metadata.src_node_id)
+                node = self._reply_nodes.get(id(msg), msg.metadata.src_node_id)
                 log(WARNING, "aggregate_train: dropping error reply for node %s: %s",
                     node, msg.error.reason)
                 self._nack(node)
@@ -549,7 +552,7 @@ class FedMomentumStrategy(FedAvg):
         replies = list(replies)
         missing = self._missing("train", server_round, replies)
         good, dropped = self._valid_replies(replies)
-        node_of = getattr(self, "_reply_nodes", {})
+        node_of = self._reply_nodes
         src = [node_of.get(id(m), m.metadata.src_node_id) for m in replies]
         aggregated = [node_of.get(id(m), m.metadata.src_node_id) for m, *_ in good]
         self.round_nodes[server_round] = {
