@@ -105,6 +105,9 @@ class ModuleResult:
     report: ModuleReport
     out_alpha: float
     out_use_rslora: bool
+    #: methods with the ``per_client`` trait (flexlora, hetlora): K dicts, client k's own-rank
+    #: factors under the same keys as ``tensors``; None otherwise
+    per_client: Optional[list] = None
 
 
 @dataclass
@@ -134,6 +137,10 @@ class ModelAggregation:
     profile: bool = False
     #: input keys deliberately not carried over (e.g. frozen base-layer copies)
     skipped_keys: list = field(default_factory=list)
+    #: methods with the ``per_client`` trait (flexlora, hetlora): K state dicts (LoRA keys only),
+    #: client k's adapter of its own rank r_k per module for the next round, scale = the module's
+    #: ``report.out_scaling`` (so its lora_alpha is out_scaling·r_k); empty for other methods
+    per_client: list = field(default_factory=list)
 
     def summary(self) -> str:
         """The closing table the CLI prints."""
@@ -234,8 +241,15 @@ def _module_result(spec: LayerSpec, res, out_s: float, *, method: str, residual:
                        out_scaling=out_s, residual_rank=0 if resid is None else resid.rank,
                        residual=mode, energy_dropped=dropped, exact=bool(res.exact),
                        read_seconds=read_seconds,
-                       info={k: v for k, v in res.info.items() if k != "seconds"})
-    return ModuleResult(tensors, resid, rep, alpha, out_use_rslora)
+                       info={k: v for k, v in res.info.items() if k not in _NOT_REPORTED})
+    per = None
+    if res.info.get("per_client") is not None:
+        per = [{a_key: ak, b_key: bk} for bk, ak in res.info["per_client"]]
+    return ModuleResult(tensors, resid, rep, alpha, out_use_rslora, per_client=per)
+
+
+#: result.info entries that hold tensors: kept out of the (JSON) report
+_NOT_REPORTED = ("seconds", "per_client", "rotations")
 
 
 def aggregate_modules(specs: Sequence[LayerSpec], factors: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
@@ -395,6 +409,7 @@ def run_plan(plan: Any, load_factors: FactorLoader, load_other: Optional[TensorL
     results: list[ModuleResult] = []
     state: dict[str, torch.Tensor] = {}
     residuals: dict[str, LowRank] = {}
+    per_client: list[dict] = []
     ready: dict[int, ModuleResult] = {}
     common = dict(rank=rank, method=method, solver=solver, residual=residual, out_use_rslora=out_rs,
                   clients=plan.clients)
@@ -429,12 +444,16 @@ def run_plan(plan: Any, load_factors: FactorLoader, load_other: Optional[TensorL
             while len(results) in ready:  # hand results on in module order
                 res = ready.pop(len(results))
                 state.update(res.tensors)
+                if res.per_client is not None:
+                    per_client = per_client or [{} for _ in res.per_client]
+                    for d, t in zip(per_client, res.per_client):
+                        d.update(t)
                 if res.residual is not None and keep_residuals:
                     residuals[res.report.name] = res.residual
                 if on_module is not None:
                     on_module(res)
                 # kept once, in ``residuals``; the callback's object is never changed after the call
-                results.append(dataclasses.replace(res, residual=None))
+                results.append(dataclasses.replace(res, residual=None, per_client=None))
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -451,7 +470,7 @@ def run_plan(plan: Any, load_factors: FactorLoader, load_other: Optional[TensorL
                             config=make_config(results) if make_config is not None else {},
                             method=method, residual_mode=mode,
                             seconds=time.perf_counter() - t_all, profile=profile,
-                            skipped_keys=list(plan.skipped_keys))
+                            skipped_keys=list(plan.skipped_keys), per_client=per_client)
 
 
 def _attach_profile(rep: ModuleReport, itemsize: int, peak: int, residual: bool) -> None:

@@ -1,0 +1,70 @@
+"""Issue 17's baselines through the model-level entry points: state dicts (``fedmomentum.aggregate``)
+with method options, per-client adapters (flexlora/hetlora) and a per-module reference (fedrot_lora)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmomentum as fm
+
+MODS = {"base_model.model.layers.0.q_proj": (24, 16), "base_model.model.layers.0.down_proj": (16, 40)}
+
+
+def state_dicts(ranks, *, shared_A=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sds = [{} for _ in ranks]
+    A0 = {name: torch.randn(max(ranks), n, generator=g) for name, (m, n) in MODS.items()}
+    for sd, r in zip(sds, ranks):
+        for name, (m, n) in MODS.items():
+            sd[f"{name}.lora_B.weight"] = torch.randn(m, r, generator=g)
+            sd[f"{name}.lora_A.weight"] = A0[name][:r].clone() if shared_A else torch.randn(r, n, generator=g)
+    return sds
+
+
+def test_flexlora_state_dicts_give_one_adapter_per_client():
+    ranks = [2, 4, 3]
+    sds = state_dicts(ranks)
+    agg = fm.aggregate(sds, [1, 2, 3], method="flexlora", solver="exact")
+    assert len(agg.per_client) == 3
+    for k, rk in enumerate(ranks):
+        for name in MODS:
+            b, a = agg.per_client[k][f"{name}.lora_B.weight"], agg.per_client[k][f"{name}.lora_A.weight"]
+            assert b.shape[1] == rk and a.shape[0] == rk
+            one = fm.aggregate_lora([sd[f"{name}.lora_B.weight"] for sd in sds],
+                                    [sd[f"{name}.lora_A.weight"] for sd in sds], [1, 2, 3],
+                                    method="flexlora", solver="exact")
+            assert torch.allclose(b @ a, one.info["per_client"][k][0] @ one.info["per_client"][k][1], atol=1e-5)
+    for rep in agg.report:
+        assert "per_client" not in rep.info and rep.info["client_ranks"] == ranks  # report stays JSON-able
+    assert agg.state_dict[f"{next(iter(MODS))}.lora_A.weight"].shape[0] == 4
+
+
+def test_hetlora_and_client_ranks_option_through_state_dicts():
+    agg = fm.aggregate(state_dicts([2, 4, 3]), method="hetlora", method_options={"client_ranks": [1, 1, 4]})
+    assert [d[f"{next(iter(MODS))}.lora_A.weight"].shape[0] for d in agg.per_client] == [1, 1, 4]
+    assert fm.aggregate(state_dicts([2, 2]), method="fedit").per_client == []
+
+
+def test_rolora_and_fedsvd_through_state_dicts():
+    sds = state_dicts([3, 3, 3], shared_A=True)
+    agg = fm.aggregate(sds, [1, 1, 2], method="rolora", method_options={"round": 1})
+    name = next(iter(MODS))
+    assert torch.equal(agg.state_dict[f"{name}.lora_A.weight"], sds[0][f"{name}.lora_A.weight"])
+    with pytest.raises(ValueError, match="needs the option 'round'"):
+        fm.aggregate(sds, method="rolora")
+    agg = fm.aggregate(sds, method="fedsvd")
+    a = agg.state_dict[f"{name}.lora_A.weight"]
+    assert torch.allclose(a @ a.T, torch.eye(3), atol=1e-5)
+
+
+def test_fedrot_lora_reference_per_module_name():
+    sds = state_dicts([3, 3])
+    prev = state_dicts([3], seed=5)[0]
+    ref = {name: (prev[f"{name}.lora_B.weight"], prev[f"{name}.lora_A.weight"]) for name in MODS}
+    agg = fm.aggregate(sds, method="fedrot_lora", method_options={"round": 1, "reference": ref})
+    for name in MODS:
+        one = fm.aggregate_lora([sd[f"{name}.lora_B.weight"] for sd in sds], [sd[f"{name}.lora_A.weight"] for sd in sds],
+                                method="fedrot_lora", method_options={"round": 1, "reference": ref[name]})
+        assert torch.allclose(agg.state_dict[f"{name}.lora_B.weight"], one.B, atol=1e-6)
+    with pytest.raises(ValueError, match="no entry for layer"):
+        fm.aggregate(sds, method="fedrot_lora", method_options={"round": 1, "reference": {"x": ref[name]}})
