@@ -68,3 +68,38 @@ def test_fedrot_lora_reference_per_module_name():
         assert torch.allclose(agg.state_dict[f"{name}.lora_B.weight"], one.B, atol=1e-6)
     with pytest.raises(ValueError, match="no entry for layer"):
         fm.aggregate(sds, method="fedrot_lora", method_options={"round": 1, "reference": {"x": ref[name]}})
+
+
+# ---- adapter folders and the CLI --------------------------------------------------------------
+
+def test_cli_method_options_and_reference_folder(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedmomentum.cli import main
+    from fedmomentum.cli.aggregate import reference_adapter
+    from safety_helpers import PREFIX, make_adapter
+
+    dirs = [make_adapter(tmp_path / f"c{k}", seed=k) for k in range(3)]
+    prev = make_adapter(tmp_path / "prev", seed=9)
+    out = tmp_path / "out"
+    rc = main(["aggregate", *map(str, dirs), "--out", str(out), "--method", "fedrot_lora", "--round", "1",
+               "--lam", "0.7", "--reference", str(prev), "--no-progress"])
+    assert rc == 0
+    got = load_file(str(out / "adapter_model.safetensors"))
+    ref = reference_adapter(prev)
+    name = f"{PREFIX}model.layers.0.self_attn.q_proj"
+    sds = [load_file(str(d / "adapter_model.safetensors")) for d in dirs]
+    one = fm.aggregate_lora([sd[f"{name}.lora_B.weight"] for sd in sds], [sd[f"{name}.lora_A.weight"] for sd in sds],
+                            method="fedrot_lora", method_options={"round": 1, "reference": ref[name], "lam": 0.7})
+    assert torch.allclose(got[f"{name}.lora_B.weight"], one.B, atol=1e-6)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    capsys.readouterr()
+    rc = main(["aggregate", *map(str, dirs), "--out", str(tmp_path / "o2"), "--method", "rolora", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "needs the option 'round'" in err and not (tmp_path / "o2").exists()
+    rc = main(["aggregate", *map(str, dirs), "--out", str(tmp_path / "o3"), "--method", "flexlora", "--round", "2",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "'flexlora' does not accept the option(s) ['round']" in err

@@ -61,7 +61,59 @@ def register(sub) -> None:
                    help="replace --out / --merged-out when they hold an earlier fedmomentum output (a folder "
                         "with fedmomentum_output.json); a folder fedmomentum did not write is never replaced")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("method options (see fedmomentum.METHODS[name].options)")
+    g.add_argument("--round", type=int, default=None, metavar="T",
+                   help="the round being aggregated (rolora: odd trains B, even A; fedrot_lora)")
+    g.add_argument("--lam", type=float, default=None, metavar="X",
+                   help="fedrot_lora's soft-rotation strength in [0, 1] (default 0.5)")
+    g.add_argument("--client-ranks", default=None, metavar="R1,R2,...",
+                   help="flexlora/hetlora: each client's rank for the next round (default its own)")
+    g.add_argument("--reference", default=None, metavar="DIR",
+                   help="fedrot_lora: the previous global adapter folder (rotation target, from round 1)")
     p.set_defaults(func=run)
+
+
+def method_options(args):
+    """The method options given on the command line (None when none was)."""
+    mo = {}
+    if args.round is not None:
+        mo["round"] = args.round
+    if args.lam is not None:
+        mo["lam"] = args.lam
+    if args.client_ranks is not None:
+        try:
+            mo["client_ranks"] = [int(x) for x in args.client_ranks.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--client-ranks must be comma-separated ints like 8,16,8, got "
+                             f"{args.client_ranks!r}") from None
+    if args.reference is not None:
+        mo["reference"] = reference_adapter(args.reference)
+    return mo or None
+
+
+def reference_adapter(folder) -> dict:
+    """module name -> (lora_B, lora_A) of a saved PEFT adapter folder (its safetensors keys)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..peft.io import ADAPTER_WEIGHTS
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"--reference {folder}: no {ADAPTER_WEIGHTS} there (a PEFT adapter folder is needed)")
+    tensors = load_file(str(path))
+    pairs: dict = {}
+    for key, t in tensors.items():
+        for a_suf, b_suf in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            if key.endswith(a_suf):
+                mod = key[: -len(a_suf)]
+                b = tensors.get(mod + b_suf)
+                if b is None:
+                    raise ValueError(f"--reference {folder}: {key} has no matching {mod + b_suf}")
+                pairs[mod] = (b, t)
+    if not pairs:
+        raise ValueError(f"--reference {folder}: no lora_A/lora_B pairs in {ADAPTER_WEIGHTS}")
+    return pairs
 
 
 def run(args) -> int:
@@ -81,7 +133,7 @@ def run(args) -> int:
         agg = aggregate_adapters(args.dirs, args.out, w, rank=args.rank, method=args.method,
                                  solver=args.solver, residual=args.residual, base_model=args.base_model,
                                  merged_out=args.merged_out, progress=not args.no_progress, keep_residuals=False,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, method_options=method_options(args))
     if not main_rank:  # rank 0 wrote the output and prints the summary
         return 0
     print(agg.summary())
