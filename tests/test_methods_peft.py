@@ -103,3 +103,35 @@ def test_cli_method_options_and_reference_folder(tmp_path, capsys):
                "--no-progress"])
     err = capsys.readouterr().err
     assert rc != 0 and "'flexlora' does not accept the option(s) ['round']" in err
+
+
+def test_adapter_folders_one_output_per_distinct_client_rank(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fedmomentum.peft import aggregate_adapters
+    from safety_helpers import PREFIX, make_adapter
+
+    dirs = [make_adapter(tmp_path / "c0", seed=0, r=2, alpha=4), make_adapter(tmp_path / "c1", seed=1, r=4, alpha=8),
+            make_adapter(tmp_path / "c2", seed=2, r=4, alpha=8)]
+    out = tmp_path / "out"
+    agg = aggregate_adapters(dirs, out, [1, 2, 3], method="flexlora", solver="exact")
+    rep = json.loads((out / "fedmomentum_report.json").read_text())
+    assert rep["per_client_dirs"] == {"rank_2": [0], "rank_4": [1, 2]}
+    name = f"{PREFIX}model.layers.0.mlp.down_proj"
+    sds = [load_file(str(d / "adapter_model.safetensors")) for d in dirs]
+    one = fm.aggregate_lora([sd[f"{name}.lora_B.weight"] for sd in sds], [sd[f"{name}.lora_A.weight"] for sd in sds],
+                            [1, 2, 3], scalings=2.0, method="flexlora", solver="exact")
+    for folder, k in (("rank_2", 0), ("rank_4", 1)):
+        cfg = json.loads((out / folder / "adapter_config.json").read_text())
+        sd = load_file(str(out / folder / "adapter_model.safetensors"))
+        rk = 2 if k == 0 else 4
+        assert cfg["r"] == rk and cfg["lora_alpha"] == 2 * rk and cfg["fedmomentum_clients"] == rep["per_client_dirs"][folder]
+        b, a = sd[f"{name}.lora_B.weight"], sd[f"{name}.lora_A.weight"]
+        bk, ak = one.info["per_client"][k]
+        assert b.shape[1] == rk and torch.allclose(b @ a, bk @ ak, atol=1e-5)
+    assert len(agg.per_client) == 3
+    # an overwrite of this output is allowed: the per-client folders are fedmomentum's own files
+    aggregate_adapters(dirs, out, [1, 2, 3], method="hetlora", overwrite=True)
+    assert json.loads((out / "fedmomentum_report.json").read_text())["method"] == "hetlora"

@@ -53,6 +53,14 @@ Method-specific outputs:
   are); no residual.
 * ``fedit``, ``ffa_lora``, ``fedex_lora``: B and A as in :mod:`fedmomentum_core.methods`;
   fedex_lora's error term is the residual.
+* ``flexlora``, ``hetlora`` (the ``per_client`` trait): the top-level adapter is the global one
+  (rank ``rank``, default the clients' max); each client's own-rank adapter for the next round is
+  written to ``out_dir/rank_<r>/`` (one folder per distinct set of client ranks; which clients load
+  which folder is in its ``adapter_config.json`` ``fedmomentum_clients`` and in the report's
+  ``per_client_dirs``), and returned as ``ModelAggregation.per_client`` (K state dicts).
+* ``fedsvd``, ``rolora``, ``fedrot_lora``, ``ilora``: B and A as in :mod:`fedmomentum_core.methods`;
+  method inputs (``round``, ``reference``, ``lam``, ``client_ranks``) go in ``method_options=``
+  (CLI: ``--round``, ``--reference DIR``, ``--lam``, ``--client-ranks``).
 
 Residuals are :class:`~fedmomentum.LowRank` in the orientation of each base module's ``weight``
 (out×in for nn.Linear, in×out for GPT-2 Conv1D, num_embeddings×dim for nn.Embedding), scalings
@@ -82,8 +90,45 @@ __all__ = [
     "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
     "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
     "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES", "write_outputs",
-    "output_transaction", "check_outputs",
+    "output_transaction", "check_outputs", "write_per_client_dirs",
 ]
+
+def write_per_client_dirs(folder, agg: ModelAggregation, plan) -> dict:
+    """Methods with the ``per_client`` trait (flexlora, hetlora): one PEFT adapter folder per distinct
+    set of client ranks inside ``folder``, named ``rank_<r>`` (r: those clients' most common module
+    rank; ``rank_<r>_<i>`` if two sets share it), each with ``adapter_model.safetensors`` (the
+    clients' own-rank factors plus the averaged non-LoRA tensors) and an ``adapter_config.json``
+    whose r / lora_alpha / rank_pattern / alpha_pattern give every module the aggregate's scale
+    (``report.out_scaling``). Clients of one set get identical adapters (K truncations of one
+    aggregate). Returns {folder name: [client indices]}."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from .rules import output_config
+    lora_keys = set(agg.per_client[0])
+    others = {k: v for k, v in agg.state_dict.items() if k not in lora_keys}
+    rs = bool(agg.config.get("use_rslora"))
+    groups: dict = {}
+    for k in range(len(agg.per_client)):
+        sig = tuple(rep.info["client_ranks"][k] for rep in agg.report)
+        groups.setdefault(sig, []).append(k)
+    out, used = {}, set()
+    for sig, clients in groups.items():
+        fake = [SimpleNamespace(report=SimpleNamespace(rank=rk), out_use_rslora=rs,
+                                out_alpha=rep.out_scaling * (rk ** 0.5 if rs else rk))
+                for rk, rep in zip(sig, agg.report)]
+        cfg = output_config(plan, fake, base=agg.config)
+        name = f"rank_{cfg['r']}"
+        if name in used:
+            name = f"{name}_{len(used)}"
+        used.add(name)
+        cfg["fedmomentum_clients"] = clients
+        d = Path(folder) / name
+        d.mkdir()
+        _fill_adapter_dir(d, {**agg.per_client[clients[0]], **others}, cfg, None, None)
+        out[name] = clients
+    return out
+
 
 #: kept for code that used the private name
 _RESIDUAL_MODES = RESIDUAL_MODES
@@ -186,6 +231,8 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
             raise
         rep = report_json(agg)
         rep["round_id"] = txn.round_id
+        if agg.per_client:
+            rep["per_client_dirs"] = write_per_client_dirs(tmp, agg, aplan.plan)
         _fill_adapter_dir(tmp, agg.state_dict, agg.config,
                           agg.residuals if (residual == "save" and keep_residuals) else None, rep)
         if merge:
