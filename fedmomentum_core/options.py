@@ -91,8 +91,8 @@ class AggregateOptions:
     min(m, n) by :meth:`layer_rank`.
 
     ``method_options``: the method's own inputs (e.g. ``{"round": 3, "reference": (B, A)}``),
-    checked against the registry's :attr:`MethodSpec.options` and stored resolved (defaults
-    filled in, read-only). Not compared or hashed (it may hold tensors).
+    checked against the registry's :attr:`MethodSpec.options` and stored resolved (a new dict with
+    the defaults filled in). Not compared or hashed (it may hold tensors).
     """
 
     method: str = "fedmomentum"

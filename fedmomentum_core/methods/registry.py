@@ -3,7 +3,6 @@ traits; they never compare method names."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
@@ -107,7 +106,7 @@ class MethodSpec:
         return frozenset(self.trains_by_round(round))
 
     def resolve_options(self, given: Optional[Mapping] = None) -> Mapping:
-        """``given`` checked against :attr:`options`, defaults filled in: a read-only mapping.
+        """``given`` checked against :attr:`options`, defaults filled in: a new dict (picklable).
         ValueError naming the method and the options it accepts for an unknown or missing one."""
         if given is None:
             given = {}
@@ -138,7 +137,7 @@ class MethodSpec:
             out[name] = v
         if self.check_options is not None:
             self.check_options(out)
-        return MappingProxyType(out)
+        return out
 
     @property
     def has_residual(self) -> bool:
