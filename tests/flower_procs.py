@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,8 +23,19 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
+import pytest
+
 TAG_VAR = "FEDMOMENTUM_FLOWER_TEST_TAG"
 BIN = Path(sys.executable).parent
+
+def _flwr_at_least(major: int, minor: int) -> bool:
+    import flwr
+    m = re.match(r"(\d+)\.(\d+)", getattr(flwr, "__version__", "0.0"))
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+# the CLI, SuperLink and SuperNode flags used here are flwr 1.42's (HTTP --host/--port, config.toml)
+NEEDS_FLWR_142 = pytest.mark.skipif(not _flwr_at_least(1, 42), reason="needs flwr >= 1.42")
 
 
 def free_ports(n: int) -> list[int]:

@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.config import flatten_dict  # noqa: E402
 
-from flower_procs import Procs, ps_lines, wait_for  # noqa: E402
+from flower_procs import NEEDS_FLWR_142, Procs, ps_lines  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
 if str(APP) not in sys.path:
@@ -102,6 +102,7 @@ def test_server_app_stops_before_any_message_on_bad_config():
 # ----------------------------------------------------------------------------- flwr run (simulation)
 
 @pytest.mark.slow
+@NEEDS_FLWR_142
 def test_flwr_run_local_simulation(tmp_path):
     """``flwr run examples/flower --stream`` in the local simulation: exit 0, the run completes and
     the clients' effective weights equal the server's aggregate; a bad run config fails at

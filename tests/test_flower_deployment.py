@@ -21,7 +21,6 @@ Checked from the run's outputs: (a) every round's global adapter + residual equa
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from pathlib import Path
@@ -35,14 +34,14 @@ from safetensors.torch import load_file  # noqa: E402
 
 import fedmomentum  # noqa: E402
 
-from flower_procs import Procs, free_ports, port_is_free, ps_lines, wait_for  # noqa: E402
+from flower_procs import NEEDS_FLWR_142, Procs, free_ports, port_is_free, ps_lines, wait_for  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower"
 # Generous: a surviving node must always make it, even on a loaded 2-core machine. The dropout
 # round does not wait for it: the SuperLink answers for the killed node once its heartbeat has
 # expired (Flower: 2 x 30 s after its last heartbeat), and the round ends then.
 ROUND_TIMEOUT = 150.0
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, NEEDS_FLWR_142]
 
 
 def _healthy(port: int) -> bool:
