@@ -150,8 +150,9 @@ def main():
         has_dense = dense_total > 0
         rows.append({"method": method, "modules": len(mods), "K": K, "r": r,
                      "ours_s": round(ours_total, 4),
-                     "dense_s": round(dense_total, 2) if has_dense else "",
-                     "dense_over_ours": round(dense_total / ours_total, 1) if has_dense else "",
+                     "dense_s": round(dense_total, 4) if has_dense else "",
+                     "dense_over_ours": round(dense_total / ours_total, 2 if dense_total < ours_total else 1)
+                     if has_dense else "",
                      "max_diff": f"{max(diffs):.1e}" if diffs else ""})
         print(rows[-1], flush=True)
     tag = "_quick" if args.quick else ""
@@ -169,13 +170,20 @@ def main():
         f"{hidden}x{inter} module reuses the {inter}x{hidden} time: LAPACK factors the transpose). "
         "`max_diff`: relative Frobenius difference of s·B·A (and flexlora's per-client products) on a "
         "512x512 block. rolora has no m x n step in either form; fedrot_lora's algorithm has none at all "
-        "(its r x r Procrustes is the same in any form): no dense column. Script: `benchmarks/run_methods.py`.",
+        "(its r x r Procrustes is the same in any form): no dense column. rolora's dense form is the bare "
+        "average; ours also validates the inputs (NaN/Inf scan, the frozen factor shared by every client) "
+        "and checks the outputs, a few ms per module. Script: `benchmarks/run_methods.py`.",
+        "",
+        f"Load average when the run ended: {os.getloadavg()[0]:.1f} (other processes may have shared the "
+        "cores: the small 'ours' times are the noisiest; the dense SVDs dominate every ratio).",
         "",
         "| method | ours (s) | dense (s) | dense / ours | max diff |",
         "|---|---:|---:|---:|---:|",
     ]
     for rw in rows:
-        lines.append(f"| {rw['method']} | {rw['ours_s']:.3f} | {rw['dense_s'] or '—'} | "
+        dense = rw["dense_s"]
+        lines.append(f"| {rw['method']} | {rw['ours_s']:.4f} | "
+                     f"{'—' if dense == '' else (f'{dense:.1f}' if dense >= 1 else f'{dense:.4f}')} | "
                      f"{(str(rw['dense_over_ours']) + 'x') if rw['dense_over_ours'] != '' else '—'} | "
                      f"{rw['max_diff'] or '—'} |")
     (HERE / "results" / f"methods_cpu{tag}.md").write_text("\n".join(lines) + "\n")

@@ -40,8 +40,8 @@ def fedsvd(inp: LayerInput, opt: Options) -> AggregationResult:
 
 @register_method("ilora", exact=False, residual="none")
 def ilora(inp: LayerInput, opt: Options) -> AggregationResult:
-    """ILoRA (2025, "ILoRA: Federated Learning with Low-Rank Adaptation for Heterogeneous Client
-    Aggregation"): concatenated QR aggregation. ΔW = Σ p_k s_k B_k A_k = QR; the new adapter is
+    """ILoRA (2025, federated LoRA with QR-based initialisation and concatenated QR aggregation for
+    heterogeneous clients): concatenated QR aggregation. ΔW = Σ p_k s_k B_k A_k = QR; the new adapter is
     B = Q[:, :r] (orthonormal columns), A = R[:r, :]/s, so s·B·A = Q_r R_r. Factored: with the
     stacks ΔW = B_cat A_cat, B_cat = Q_B R_B and R_B A_cat = Q_C R_C (an R x n QR), so
     ΔW = (Q_B Q_C) R_C is a QR of ΔW (equal to LAPACK's on the dense ΔW up to the signs of paired
