@@ -87,7 +87,7 @@ def _fedrot_check(o: dict) -> None:
 @register_method("fedrot_lora", exact=False, residual="none", options=(ROUND, REFERENCE, LAM),
                  check_options=_fedrot_check)
 def fedrot_lora(inp: LayerInput, opt: Options) -> AggregationResult:
-    """FedRot-LoRA (2026; the title is not quoted here, see the issue for the reference): LoRA's
+    """FedRot-LoRA (2026), rotation-aligned federated LoRA aggregation: LoRA's
     factors are defined up to a rotation (B R, Rᵀ A), so clients drift into different bases and
     averaging B and A mixes them. Before averaging, each client's (B_k, A_k) is rotated towards
     the previous global adapter (B_g, A_g) by the closed-form orthogonal Procrustes solution —
