@@ -32,7 +32,7 @@ import torch
 from . import profiling as _profiling
 from .methods import BATCH_BYTES, aggregate_layer, aggregate_layers, get_method
 from . import cost as _cost
-from .solvers import release_workspace as _release_workspace
+from .linalg import release_workspace as _release_workspace
 from .types import LowRank
 
 __all__ = [

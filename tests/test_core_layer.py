@@ -307,7 +307,7 @@ def test_batched_path_names_the_layer_and_client_with_non_finite_entries(bad, re
 def test_batched_fallbacks_stay_per_layer():
     """In one batch, layers whose B or A stack is rank-deficient (Householder-QR fallback) keep
     their own basis, and every layer's factors are those of the one-layer solve."""
-    from fedmomentum_core.solvers import solve_exact_batch
+    from fedmomentum_core.linalg import solve_exact_batch
     from fedmomentum_core.validate import validate_layer
     layers = [make_clients(60, 40, [3, 3, 3], seed=70 + i) for i in range(5)]
     B1, A1 = layers[1]

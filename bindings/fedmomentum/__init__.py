@@ -68,7 +68,7 @@ def aggregate_lora(B: Sequence[torch.Tensor], A: Sequence[torch.Tensor], weights
         out_scaling: s of the returned adapter; default the common s_k (ValueError if they differ).
         method: one of ``fedmomentum.METHODS`` (fedmomentum, fedit, ffa_lora, fedsa_lora, flora,
             fedex_lora, florist, flexlora, hetlora, fedsvd, rolora, fedrot_lora, ilora).
-        solver: ``auto`` (cost model in ``fedmomentum_core.planner.choose_solver``), ``exact``,
+        solver: ``auto`` (cost model in ``fedmomentum_core.cost.choose_solver``), ``exact``,
             ``randomized`` or ``dense``.
         residual: ``factored`` (the SVD tail as a :class:`LowRank`, rank ≤ R − r, orthonormal left
             factor, compute dtype), ``stacked`` (the exact remainder [B_cat | −UΣ][A_cat; Vᵀ], rank
