@@ -2,9 +2,9 @@
 
 A round's stacks and residuals are tens of MB per module. With glibc's default policy, a buffer
 that big is ``mmap``-ed fresh and unmapped on free (or trimmed off the heap top), so every round
-pays the kernel to zero-fill new pages: measured on the 2-core benchmark VM, writing 114 MB into
-fresh memory took 34 ms against 8.5 ms into a reused buffer; a full Llama-70B-shaped round went
-from 2.16× to 1.96× its Gram floor with the policy (benchmarks/results/round_cpu.md). :func:`reuse_freed_memory` sets two documented ``mallopt``
+pays the kernel to zero-fill new pages (what that costs a full round is measured in
+benchmarks/results/round_cpu.md, with and without the policy). :func:`reuse_freed_memory` sets two
+documented ``mallopt``
 knobs so such buffers are carved from, and returned to, the process heap:
 
 * ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's maximum): blocks up to that size come from the heap;

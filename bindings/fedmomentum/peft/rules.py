@@ -188,57 +188,6 @@ def config_dict(config: Any, *, client: str = "client 0") -> Optional[dict]:
     raise TypeError(f"{client}: config must be a dict or a LoraConfig, got {type(config).__name__}")
 
 
-def client_scaling(config: Optional[dict], module: str, rank: int, *, client: str = "client 0"
-                   ) -> tuple[float, float, bool]:
-    """``(s, alpha, use_rslora)`` of one client at one module.
-
-    ``module`` is the module path (with or without ``base_model.model.``); ``rank`` the rank of its
-    lora_A. Uses ``rank_pattern``/``alpha_pattern`` with PEFT's matching rule; raises ValueError
-    naming the client and module when the config's r disagrees with the tensors.
-    """
-    if config is None:
-        return 1.0, float(rank), False
-    if config.get("use_dora"):
-        raise ValueError(f"{client}: adapter_config has use_dora=True; DoRA adapters are not supported")
-    rel = relative_module_name(module)
-    rp = config.get("rank_pattern") or {}
-    ap = config.get("alpha_pattern") or {}
-    rk = peft_pattern_key(rp.keys(), rel)
-    ak = peft_pattern_key(ap.keys(), rel)
-    r_cfg = rp[rk] if rk is not None else config.get("r", 8)
-    alpha = ap[ak] if ak is not None else config.get("lora_alpha", 8)
-    try:
-        r_cfg, alpha = int(r_cfg), float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"{client}: module {module!r}: adapter_config r={r_cfg!r}, lora_alpha={alpha!r} "
-                         "must be numbers") from None
-    if r_cfg != rank:
-        src = f"rank_pattern[{rk!r}]" if rk is not None else "r"
-        raise ValueError(f"{client}: module {module!r}: adapter_config says {src} = {r_cfg} but its "
-                         f"lora_A has {rank} rows; the config does not match the weights")
-    rs = bool(config.get("use_rslora", False))
-    s = alpha / math.sqrt(rank) if rs else alpha / rank
-    return float(s), alpha, rs
-
-
-
-
-# ----------------------------------------------------------------------------- configs
-
-def config_dict(config: Any, *, client: str = "client 0") -> Optional[dict]:
-    """An adapter config as a plain dict: accepts None, a dict, or an object with ``to_dict()``
-    (a peft ``LoraConfig``) or ``__dict__``."""
-    if config is None:
-        return None
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return dict(config.to_dict())
-    if hasattr(config, "__dict__"):
-        return dict(vars(config))
-    raise TypeError(f"{client}: config must be a dict or a LoraConfig, got {type(config).__name__}")
-
-
 def module_rank_alpha(config: Mapping, module: str) -> tuple[Any, Any, Optional[str]]:
     """``(r, lora_alpha, rank_pattern key or None)`` of ``module`` under ``config`` (PEFT's rule
     and defaults; values as found, not converted)."""
