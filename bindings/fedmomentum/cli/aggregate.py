@@ -92,28 +92,17 @@ def method_options(args):
 
 
 def reference_adapter(folder) -> dict:
-    """module name -> (lora_B, lora_A) of a saved PEFT adapter folder (its safetensors keys)."""
+    """module name -> (lora_B, lora_A) of a saved PEFT adapter folder (:func:`fedmomentum.peft.rules.adapter_pairs`)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     from ..peft.io import ADAPTER_WEIGHTS
+    from ..peft.rules import adapter_pairs
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise ValueError(f"--reference {folder}: no {ADAPTER_WEIGHTS} there (a PEFT adapter folder is needed)")
-    tensors = load_file(str(path))
-    pairs: dict = {}
-    for key, t in tensors.items():
-        for a_suf, b_suf in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
-            if key.endswith(a_suf):
-                mod = key[: -len(a_suf)]
-                b = tensors.get(mod + b_suf)
-                if b is None:
-                    raise ValueError(f"--reference {folder}: {key} has no matching {mod + b_suf}")
-                pairs[mod] = (b, t)
-    if not pairs:
-        raise ValueError(f"--reference {folder}: no lora_A/lora_B pairs in {ADAPTER_WEIGHTS}")
-    return pairs
+    return adapter_pairs(load_file(str(path)), where=f"--reference {folder}: {ADAPTER_WEIGHTS}")
 
 
 def run(args) -> int:

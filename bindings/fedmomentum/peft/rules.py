@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = [
     "PEFT_PREFIX", "DEFAULT_R", "DEFAULT_ALPHA", "LoraKeys", "group_lora_keys", "relative_module_name",
-    "module_path_candidates", "weight_key_candidates", "parse_saved_key", "live_key",
+    "module_path_candidates", "weight_key_candidates", "parse_saved_key", "live_key", "adapter_pairs",
     "peft_pattern_key", "pattern_value", "config_dict", "module_rank_alpha", "lora_scaling",
     "client_scaling", "output_config", "natural_key",
 ]
@@ -157,6 +157,27 @@ def parse_saved_key(key: str) -> Optional[tuple[str, str]]:
         if mt:
             return mt.group("mod"), mt.group("which")[-1]
     return None
+
+
+def adapter_pairs(state_dict: Mapping[str, Any], *, where: str = "adapter") -> dict[str, tuple[Any, Any]]:
+    """module -> ``(lora_B, lora_A)`` of a saved-form adapter state dict (``<m>.lora_A.weight`` /
+    ``<m>.lora_B.weight``, ``<m>.lora_embedding_A`` / ``_B``), module names as in the saved keys
+    (what the aggregation names its layers: the ``reference`` dict of fedrot_lora). Non-LoRA keys
+    are ignored. ValueError naming ``where`` when a factor has no partner or there is no pair."""
+    found: dict[str, dict[str, Any]] = {}
+    for key, t in state_dict.items():
+        mod = parse_saved_key(key)
+        if mod is not None:
+            found.setdefault(mod[0], {})[mod[1]] = (key, t)
+    pairs = {}
+    for mod, fac in found.items():
+        if set(fac) != {"A", "B"}:
+            have, = fac.values()
+            raise ValueError(f"{where}: {have[0]} has no matching lora_{'B' if 'A' in fac else 'A'} factor")
+        pairs[mod] = (fac["B"][1], fac["A"][1])
+    if not pairs:
+        raise ValueError(f"{where}: no lora_A/lora_B pairs")
+    return pairs
 
 
 def live_key(key: str, adapter_name: str) -> str:
