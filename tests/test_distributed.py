@@ -3,8 +3,9 @@
 Claim tested: the per-module math is the single-process code, so the sharded output files are
 *bitwise* identical to ``fedmomentum.peft.aggregate_adapters`` (adapter_model.safetensors,
 residual.safetensors, adapter_config.json, merged model weights; the report json equal except
-timings). Independent oracle for the content: Σ_k p_k s_k B_k A_k in float64 equals
-s·B·A + residual per module. A rank that fails makes every rank exit non-zero and leaves no output.
+timings; for flexlora/hetlora also every rank_<r>/ per-client folder). Independent oracle for the
+content: Σ_k p_k s_k B_k A_k in float64 equals s·B·A + residual per module. A rank that fails
+makes every rank exit non-zero and leaves no output.
 """
 from __future__ import annotations
 
@@ -275,3 +276,103 @@ def test_shard_modules_lpt_deterministic_and_balanced(llama):
     assert by["gate_proj0"] > by["k_proj0"] > 0
     with pytest.raises(ValueError, match="world_size"):
         fdist.shard_modules(mods, 0)
+
+
+# ----------------------------------------------------------------------------- method traits
+
+_PER_CLIENT_SCRIPT = textwrap.dedent("""
+    import json
+    from fedmomentum import distributed as fd
+    dirs, out, runs = {args}
+    info = {{}}
+    for method, mo in runs:
+        agg = fd.aggregate_adapters(dirs, out + "_" + method, {weights}, method=method, method_options=mo)
+        info[method] = {{"per_client": [sorted(d) for d in agg.per_client], "report": [r.name for r in agg.report]}}
+
+    def boom(*a, **k):  # writing the rank_<r>/ folders fails on rank 0: nothing may be installed
+        raise OSError("disk full (test)")
+
+    fd._peft.write_per_client_dirs = boom
+    try:
+        fd.aggregate_adapters(dirs, out + "_fail", {weights}, method="flexlora")
+    except Exception as e:
+        info["fail"] = type(e).__name__ + ": " + str(e)
+    fd.release_process_group()
+    print(json.dumps(info))
+""")
+
+
+def _same_per_client_dirs(a: Path, b: Path) -> dict:
+    """The ``rank_<r>/`` folders of two outputs are equal (tensors bitwise, configs as dicts)."""
+    ra = json.loads((a / "fedmomentum_report.json").read_text())
+    rb = json.loads((b / "fedmomentum_report.json").read_text())
+    assert "per_client_dirs" in ra and ra["per_client_dirs"] == rb["per_client_dirs"]
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in ra["per_client_dirs"]:
+        assert sorted(os.listdir(a / name)) == sorted(os.listdir(b / name)) == [
+            "adapter_config.json", "adapter_model.safetensors"]
+        _same_bytes(a / name / "adapter_model.safetensors", b / name / "adapter_model.safetensors")
+        ta, tb = (load_file(str(x / name / "adapter_model.safetensors")) for x in (a, b))
+        assert list(ta) and set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        ca = json.loads((a / name / "adapter_config.json").read_text())
+        assert ca == json.loads((b / name / "adapter_config.json").read_text())
+        assert ca["fedmomentum_clients"] == ra["per_client_dirs"][name]
+    return ra["per_client_dirs"]
+
+
+def test_per_client_methods_two_ranks_equal_single_process(llama, tmp_path):
+    """flexlora / hetlora (the per_client trait) on clients of ranks 4, 4, 6: the sharded output,
+    its rank_<r>/ folders included, equals one process; rank 1 returns its shard's per-client keys.
+    A failure while rank 0 writes those folders fails both ranks and installs nothing."""
+    dirs = [str(d) for d in llama["dirs"]]
+    runs = [("flexlora", None), ("hetlora", {"client_ranks": [2, 2, 6]})]
+    (tmp_path / "dist").mkdir()
+    code = _PER_CLIENT_SCRIPT.format(args=repr((dirs, str(tmp_path / "dist" / "out"), runs)), weights=WEIGHTS)
+    procs = _spawn(code, 2, tmp_path)
+    for r, run in enumerate(procs):
+        assert run.returncode == 0, f"rank {r}:\n{run.stderr[-3000:]}"
+    info = [json.loads(run.stdout.strip().splitlines()[-1]) for run in procs]
+    shard1 = {plan_adapters(dirs).modules[i].name for i in fdist.shard_modules(plan_adapters(dirs).modules, 2)[1]}
+    expected_dirs = {"flexlora": {"rank_4": [0, 1], "rank_6": [2]}, "hetlora": {"rank_2": [0, 1], "rank_6": [2]}}
+    for method, mo in runs:
+        dist_out, local_out = tmp_path / "dist" / f"out_{method}", tmp_path / "local" / method
+        local = aggregate_adapters(dirs, local_out, WEIGHTS, method=method, method_options=mo)
+        _same_files(dist_out, local_out)
+        assert _same_per_client_dirs(dist_out, local_out) == expected_dirs[method]
+        assert len(local.per_client) == 3
+        assert info[0][method]["per_client"] == [sorted(d) for d in local.per_client]
+        # a worker returns K dicts of its own modules' per-client factors only
+        assert info[1][method]["per_client"] == [
+            sorted(k for k in d if k.rsplit(".lora_", 1)[0] in shard1) for d in local.per_client]
+        assert 0 < len(info[1][method]["report"]) < len(info[0][method]["report"])
+    assert info[0]["fail"] == "OSError: disk full (test)"
+    assert info[1]["fail"].startswith("RuntimeError: rank 0 of 2 failed while assembling and writing the output: "
+                                      "disk full (test)")
+    _no_leftovers(tmp_path / "dist", {"out_flexlora", "out_hetlora"})  # no out_fail, no temporary folder
+
+
+def test_torchrun_fedrot_lora_reference_equals_single_process(llama, tmp_path):
+    """method_options reach every rank: fedrot_lora round 1 with a reference adapter folder."""
+    import fedmomentum as fm
+    from fedmomentum.cli.aggregate import reference_adapter
+
+    dirs = [str(d) for d in llama["dirs"][:2]]  # fedrot_lora needs equal client ranks (4, 4)
+    prev = tmp_path / "prev"
+    aggregate_adapters(dirs, prev, rank=4, residual="discard")  # the "previous global adapter"
+    args = ["aggregate", *dirs, "--weights", "1,3", "--method", "fedrot_lora", "--round", "1", "--lam", "0.7",
+            "--reference", str(prev), "--no-progress"]
+    run = _torchrun([*args, "--out", str(tmp_path / "dist")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert cli_main([*args, "--out", str(tmp_path / "local")]) == 0
+    _same_files(tmp_path / "dist", tmp_path / "local")
+    # the reference was used: one module of rank 1's shard against the layer-level call
+    aplan = plan_adapters(dirs)
+    spec = aplan.modules[fdist.shard_modules(aplan.modules, 2)[1][0]]
+    sds = [load_file(str(Path(d) / "adapter_model.safetensors")) for d in dirs]
+    lk = spec.keys
+    one = fm.aggregate_lora([sd[k.b_key] for sd, k in zip(sds, lk)], [sd[k.a_key] for sd, k in zip(sds, lk)],
+                            [1, 3], scalings=2.0, method="fedrot_lora",
+                            method_options={"round": 1, "reference": reference_adapter(prev)[spec.name], "lam": 0.7})
+    got = load_file(str(tmp_path / "dist" / "adapter_model.safetensors"))
+    assert torch.allclose(got[f"{spec.name}.lora_B.weight"], one.B, atol=1e-6)
+    _no_leftovers(tmp_path, {"prev", "dist", "local"})

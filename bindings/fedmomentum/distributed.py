@@ -25,16 +25,20 @@ How it works (every step is the same on every rank, so no rank waits for a decis
    else RuntimeError) naming the failing rank and its message (which names module and client),
    and nothing is written. No rank is left waiting in a collective.
 5. **Gather.** Each rank sends its results to rank 0: the report rows, names, shapes and dtypes
-   with ``gather_object``, the tensors (new rank-r factors, factored residuals) as raw bytes with
-   ``send``/``recv``, one tensor at a time (no pickling of tensor data). Rank 0 assembles them in module order and writes the output
-   exactly as the single-process path does (same keys, same bytes for ``adapter_model.safetensors``,
-   ``adapter_config.json`` and ``residual.safetensors``; ``fedmomentum_report.json`` differs only
-   in timings), atomically (temporary folder, then rename). ``residual="merge"`` merges the
-   gathered residuals into the base model on rank 0.
+   with ``gather_object``, the tensors (new rank-r factors, factored residuals and, for methods
+   with the ``per_client`` trait, each client's own-rank factors) as raw bytes with
+   ``send``/``recv``, one tensor at a time (no pickling of tensor data). Rank 0 assembles them in
+   module order and writes the output exactly as the single-process path does (same keys, same
+   bytes for ``adapter_model.safetensors``, ``adapter_config.json`` and ``residual.safetensors``;
+   for ``flexlora``/``hetlora`` the same ``rank_<r>/`` per-client adapter folders and
+   ``per_client_dirs`` in the report; ``fedmomentum_report.json`` differs only in timings and the
+   round id), as one output transaction (temporary folder, then rename). ``residual="merge"``
+   merges the gathered residuals into the base model on rank 0.
 
 Memory: a worker holds one module's K factors plus its shard's outputs; rank 0 additionally
 holds every module's outputs (the new adapter plus the residual factors, rank ≤ R − r each: the
-same as one process with ``keep_residuals=True``), received straight into their final buffers (no
+same as one process with ``keep_residuals=True``; for ``per_client`` methods also the K clients'
+own-rank factors, as one process holds them), received straight into their final buffers (no
 second copy); a sending rank may make one contiguous copy of a tensor at a time. Inputs, the large part (K × every module's factors), are read once, spread across the
 ranks. Objects travel on a gloo group (the default group if it is gloo, else a gloo side group
 created here), so an NCCL default group works unchanged and no GPU memory is used for the gather.
@@ -47,9 +51,16 @@ re-create the rendezvous store on the same ``MASTER_PORT`` while a slower rank m
 old one, and a fast rank can join the stale store and hang (seen in testing). With neither (or a world of 1) the call is the
 local :func:`fedmomentum.peft.aggregate_adapters`.
 
+Method options (``method_options=``, e.g. fedrot_lora's ``{"round": 1, "reference": {module: (B, A)}}``)
+go to every rank unchanged; a per-module reference dict is looked up by module name, so each rank
+uses the entries of its own modules.
+
 Return value: rank 0 returns the full :class:`~fedmomentum.ModelAggregation` (as one process
-would); other ranks return a :class:`~fedmomentum.ModelAggregation` of their own shard (their
-modules' tensors, residuals and report rows; ``config`` is the full output config).
+would, ``per_client`` included); other ranks return a :class:`~fedmomentum.ModelAggregation` of
+their own shard: their modules' tensors, residuals and report rows, and for ``per_client`` methods
+K dicts holding only their modules' per-client factors (empty list otherwise); ``config`` is the
+output config of the shard's modules alone (its ``rank_pattern``/``alpha_pattern`` name only those
+modules; rank 0's config is the one written). Non-zero ranks write nothing.
 """
 from __future__ import annotations
 
@@ -304,7 +315,7 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
 
         def on_module(res: ModuleResult) -> None:
             collected.append(ModuleResult(res.tensors, res.residual, res.report, res.out_alpha,
-                                          res.out_use_rslora))
+                                          res.out_use_rslora, per_client=res.per_client))
 
         part = _run_local_shard(aplan, sub, rank=rank, method=method, solver=solver, residual=core_residual,
                                 progress=progress and me == 0, profile=profile, on_module=on_module,
@@ -339,11 +350,12 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
     if me == 0:
         return agg
     # a worker returns its own shard
-    cfg = output_config(plan, collected, rank=rank, base=plan.configs[0]) if collected else {}
+    # the shard's own modules (output_config pairs plan.modules with the results one to one)
+    cfg = output_config(sub, collected, rank=rank, base=plan.configs[0], method=method) if collected else {}
     return ModelAggregation(state_dict=part.state_dict, residuals=part.residuals if keep_residuals else {},
                             report=part.report, config=cfg, method=method, residual_mode=part.residual_mode,
                             seconds=time.perf_counter() - t_all, profile=profile,
-                            skipped_keys=list(plan.skipped_keys))
+                            skipped_keys=list(plan.skipped_keys), per_client=part.per_client)
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
@@ -355,10 +367,10 @@ def _gather_results(payload: list[tuple[int, ModuleResult]], me: int, world: int
     """Send every rank's ``(module index, ModuleResult)`` list to rank 0 (None elsewhere).
 
     The small part (report rows, alphas, tensor names, shapes and dtypes) goes with one
-    ``gather_object``; the tensors go as raw bytes with point-to-point ``send``/``recv`` on the gloo
-    group, one tensor at a time, rank after rank, into buffers allocated once on rank 0 (no pickling
-    of tensor data, no padding to the largest rank; pickling megabytes through ``gather_object`` was
-    several times slower on loopback).
+    ``gather_object``; the tensors (new factors, residual factors, per-client factors) go as raw
+    bytes with point-to-point ``send``/``recv`` on the gloo group, one tensor at a time, rank after
+    rank, into buffers allocated once on rank 0 (no pickling of tensor data, no padding to the
+    largest rank; pickling megabytes through ``gather_object`` was several times slower on loopback).
     """
     import torch.distributed as dist
 
@@ -370,7 +382,12 @@ def _gather_results(payload: list[tuple[int, ModuleResult]], me: int, world: int
         if res.residual is not None:
             rmeta = (_tensor_meta(res.residual.left), _tensor_meta(res.residual.right))
             flat += [res.residual.left, res.residual.right]
-        metas.append((i, res.report, res.out_alpha, res.out_use_rslora, tmeta, rmeta))
+        pmeta = None
+        if res.per_client is not None:  # K dicts (client k's own-rank factors)
+            pmeta = [[(k, *_tensor_meta(t)) for k, t in d.items()] for d in res.per_client]
+            for d in res.per_client:
+                flat += list(d.values())
+        metas.append((i, res.report, res.out_alpha, res.out_use_rslora, tmeta, rmeta, pmeta))
     all_meta: Optional[list] = [None] * world if me == 0 else None
     dist.gather_object(metas, all_meta, dst=0, group=group)
     if me != 0:
@@ -388,12 +405,16 @@ def _gather_results(payload: list[tuple[int, ModuleResult]], me: int, world: int
     out = [payload]
     for src in range(1, world):
         got = []
-        for i, report, alpha, rs, tmeta, rmeta in all_meta[src]:
+        for i, report, alpha, rs, tmeta, rmeta, pmeta in all_meta[src]:
+            # received in the order they were sent: tensors, residual, per-client dicts
             tensors = {k: recv(src, shape, dtype) for k, shape, dtype in tmeta}
             resid = None
             if rmeta is not None:
                 resid = LowRank(recv(src, *rmeta[0]), recv(src, *rmeta[1]))
-            got.append((i, ModuleResult(tensors, resid, report, alpha, rs)))
+            per = None
+            if pmeta is not None:
+                per = [{k: recv(src, shape, dtype) for k, shape, dtype in d} for d in pmeta]
+            got.append((i, ModuleResult(tensors, resid, report, alpha, rs, per_client=per)))
         out.append(got)
     return out
 
@@ -413,10 +434,15 @@ def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], o
     plan = aplan.plan
     state: dict[str, torch.Tensor] = {}
     residuals: dict = {}
+    per_client: list[dict] = []
     for spec, res in zip(plan.modules, results):
         state.update(res.tensors)
         if res.residual is not None:
             residuals[spec.name] = res.residual
+        if res.per_client is not None:  # as run_plan assembles it: K dicts, module order
+            per_client = per_client or [{} for _ in res.per_client]
+            for d, t in zip(per_client, res.per_client):
+                d.update(t)
     if plan.other_keys and plan.other_keys[0]:  # non-LoRA tensors (small): averaged on rank 0
         with _peft.open_adapter_files(aplan) as handles:
             state.update(average_tensors(plan.other_keys[0],
@@ -428,17 +454,23 @@ def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], o
         mode = "none"
     agg = ModelAggregation(state_dict=state, residuals=residuals, report=[r.report for r in results],
                            config=cfg, method=method, residual_mode=mode, seconds=time.perf_counter() - t_all,
-                           profile=profile, skipped_keys=list(plan.skipped_keys))
+                           profile=profile, skipped_keys=list(plan.skipped_keys), per_client=per_client)
     agg.seconds = time.perf_counter() - t_all
     merge = residual == "merge"
-    # one transaction for the adapter and the merged base, as in the single-process path;
-    # keep_residuals=False: the same streamed residual file as that path (module order)
-    _peft.write_outputs(out_dir, state, cfg, residuals if residual == "save" else None,
-                        _peft.report_json(agg), stream_residuals=not keep_residuals,
-                        base_model=base_model if merge else None,
-                        merged_residuals=residuals if merge else None,
-                        merged_out=merged_out if merge else None, overwrite=overwrite,
-                        inputs=list(adapter_dirs))
+    # one transaction for the adapter (with its per-client folders) and the merged base, as in the
+    # single-process path; keep_residuals=False: the same streamed residual file as that path
+    # (module order). A failure anywhere (per-client folders included) installs nothing.
+    with _peft.output_transaction(out_dir, merged_out if merge else None, overwrite=overwrite,
+                                  adapter_dirs=list(adapter_dirs),
+                                  base_model=base_model if merge else None) as txn:
+        rep = _peft.report_json(agg)
+        rep["round_id"] = txn.round_id
+        if agg.per_client:
+            rep["per_client_dirs"] = _peft.write_per_client_dirs(txn.tmp("adapter"), agg, plan)
+        _peft.write_outputs(out_dir, state, cfg, residuals if residual == "save" else None, rep,
+                            stream_residuals=not keep_residuals, base_model=base_model if merge else None,
+                            merged_residuals=residuals if merge else None,
+                            merged_out=merged_out if merge else None, txn=txn)
     if not keep_residuals:
         agg.residuals = {}
     return agg
