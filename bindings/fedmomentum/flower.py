@@ -40,6 +40,31 @@ Wire format
 * Failures follow Flower's settings: ``accept_failures`` (aggregate what arrived, or skip the
   round) and the ``min_*_nodes`` sampling minimums of ``FedAvg``, plus ``min_train_replies``.
 
+Methods (every name in ``fedmomentum.METHODS``)
+-----------------------------------------------
+* Round numbering: round t of the method is Flower's ``server_round`` t (the first round is 1).
+  Methods whose options name them get ``round=server_round`` and ``reference=`` the global
+  adapter that round started from (what ``configure_train`` sent, as ``{module: (B, A)}`` with
+  the saved-key module names) from the strategy; the user's static options (``lam``) go in
+  ``method_options=``. RoLoRA's round 1 trains B with A shared, which is right for PEFT's
+  initialisation (B = 0); FedRot-LoRA rotates from round 1 on towards the adapter of the round
+  before (round 1: the initial adapter).
+* Every train message carries a :class:`~flwr.app.ConfigRecord` under
+  :data:`TRAIN_FACTORS_KEY` (``"fedmomentum-train"``): ``{"factors": ["A", "B"] | ["B"] | ["A"],
+  "round": server_round, "method": name}``, the factors the method's clients train this round
+  (``MethodSpec.trains_in``: ``["B"]`` for ffa_lora and fedsvd, alternating for rolora).
+  :func:`apply_server_update` sets ``requires_grad`` of the adapter's ``lora_A`` / ``lora_B``
+  parameters from it; the client's optimizer must take only parameters with ``requires_grad``.
+* Methods with the ``per_client`` trait (flexlora, hetlora: clients of different ranks): each
+  node whose reply was aggregated in the latest round is sent its own adapter (its own rank,
+  rescaled to the LoRA scale of that node's config, plus the global non-LoRA entries) in the
+  next train and evaluate messages, instead of the global one. Nodes not aggregated in the
+  latest round (new, sampled out, dropped) get the global adapter (rank ``rank``, at the
+  aggregate's scale ``last_aggregation.config``; FlexLoRA's global adapter's leading r_k
+  components are its top-r_k truncation). The strategy's returned ``ArrayRecord`` is always the
+  global adapter. A reply whose LoRA rank differs from ``lora_config``'s ``r`` is read with
+  ``lora_config`` at the reply's rank (same ``lora_alpha`` / ``use_rslora``).
+
 * ``residual="ship"``: the residual of round t (per module a :class:`~fedmomentum.LowRank` in the
   orientation of the module's ``weight``: ``weight += left @ right``) is sent in the following
   train (and evaluate) messages as one ``ArrayRecord`` per round under the RecordDict key
@@ -76,7 +101,8 @@ from .peft import merge as _merge
 from .peft import rules as _rules
 
 __all__ = ["FedMomentumStrategy", "apply_server_update", "RESIDUAL_RECORD_PREFIX",
-           "RESIDUAL_INDEX_KEY", "MERGED_THROUGH_ATTR", "residual_records", "weight_key"]
+           "RESIDUAL_INDEX_KEY", "MERGED_THROUGH_ATTR", "TRAIN_FACTORS_KEY", "residual_records",
+           "weight_key"]
 
 #: RecordDict key prefix of the per-round residual ArrayRecords (``...-round-3``).
 RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
@@ -85,6 +111,14 @@ RESIDUAL_RECORD_PREFIX = "fedmomentum-residual-round-"
 RESIDUAL_INDEX_KEY = "fedmomentum-residual-index"
 #: attribute set on a client model: the last server round whose residual it has merged.
 MERGED_THROUGH_ATTR = "fedmomentum_merged_through"
+#: RecordDict key of the train messages' ConfigRecord ``{"factors": [...], "round": t,
+#: "method": name}``: the LoRA factors the clients train this round (see apply_server_update).
+TRAIN_FACTORS_KEY = "fedmomentum-train"
+#: method options the strategy sets itself every round (from Flower's server_round and the
+#: adapter configure_train sent); a user may not fix them in ``method_options``
+_ROUND_OPTIONS = ("round", "reference")
+#: method options indexed by client position, which Flower re-draws every round
+_PER_CLIENT_OPTIONS = ("client_ranks",)
 _LEFT, _RIGHT = ".residual_left", ".residual_right"
 _RESIDUAL_MODES = ("ship", "server")
 
@@ -167,6 +201,40 @@ def _residual_blocks(content: RecordDict) -> dict[int, dict[str, LowRank]]:
 
 # ----------------------------------------------------------------------------- client side
 
+_FACTOR_ATTRS = {"A": ("lora_A", "lora_embedding_A"), "B": ("lora_B", "lora_embedding_B")}
+
+
+def _train_factors(content: RecordDict) -> Optional[list[str]]:
+    """The factors ``content[TRAIN_FACTORS_KEY]`` says to train (checked), or None when absent."""
+    if TRAIN_FACTORS_KEY not in content:
+        return None
+    rec = content[TRAIN_FACTORS_KEY]
+    if not isinstance(rec, ConfigRecord):
+        raise TypeError(f"record {TRAIN_FACTORS_KEY!r} is a {type(rec).__name__}, expected ConfigRecord")
+    factors = rec.get("factors")
+    if isinstance(factors, str):
+        factors = [factors]
+    if not isinstance(factors, list) or not factors or not set(factors) <= {"A", "B"}:
+        raise ValueError(f"record {TRAIN_FACTORS_KEY!r}: 'factors' must be a non-empty list of 'A' / "
+                         f"'B', got {factors!r}")
+    return sorted(set(factors))
+
+
+def _factor_params(model: torch.nn.Module, adapter_name: str) -> dict[str, list[torch.nn.Parameter]]:
+    """``{"A": [...], "B": [...]}``: the parameters of adapter ``adapter_name``'s ``lora_A`` /
+    ``lora_B`` (and ``lora_embedding_A`` / ``_B``) in every LoRA layer of ``model``."""
+    out: dict[str, list[torch.nn.Parameter]] = {"A": [], "B": []}
+    for mod in model.modules():
+        for side, attrs in _FACTOR_ATTRS.items():
+            for attr in attrs:
+                holder = getattr(mod, attr, None)
+                if not isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) \
+                        or adapter_name not in holder:
+                    continue
+                obj = holder[adapter_name]
+                out[side].extend(obj.parameters() if isinstance(obj, torch.nn.Module) else [obj])
+    return out
+
 def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Message], *,
                         state: Optional[RecordDict] = None, adapter_name: str = "default",
                         arrays_key: str = "arrays") -> dict:
@@ -186,6 +254,13 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
       ``state=context.state``: the residual rounds received so far are kept in the node's state
       (fp32 factors, (m+n)·t per module and round) and all of them are merged into the fresh base.
 
+    When the message carries :data:`TRAIN_FACTORS_KEY` (train messages of
+    :class:`FedMomentumStrategy`), the adapter's ``lora_A`` / ``lora_B`` parameters get
+    ``requires_grad`` True for the factors the method trains this round and False for the frozen
+    one (ffa_lora and fedsvd freeze A; rolora alternates); the client's optimizer must take only
+    parameters with ``requires_grad`` (``[p for p in model.parameters() if p.requires_grad]``).
+    Without that record ``requires_grad`` is left as it is.
+
     Everything is checked (module names, shapes, adapter keys) before anything is modified; on
     error a ValueError/TypeError names the module or key and the model is left untouched.
 
@@ -198,7 +273,8 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
         arrays_key: the RecordDict key of the adapter (the strategy's ``arrayrecord_key``).
 
     Returns:
-        ``{"merged_rounds": [...], "residual_rank": int, "adapter_loaded": bool}``.
+        ``{"merged_rounds": [...], "residual_rank": int, "adapter_loaded": bool, "trains": [...]
+        or None}`` (``trains``: the factors left trainable, None when the message did not say).
     """
     content = record.content if isinstance(record, Message) else record
     if not isinstance(content, RecordDict):
@@ -250,7 +326,19 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
                 raise ValueError(f"adapter key {key!r} has shape {tuple(t.shape)}, the model's "
                                  f"{live_key!r} is {tuple(live[live_key].shape)}")
 
+    trains = _train_factors(content)
+    factor_params = None
+    if trains is not None:
+        factor_params = _factor_params(model, adapter_name)
+        if not factor_params["A"] and not factor_params["B"]:
+            raise ValueError(f"record {TRAIN_FACTORS_KEY!r}: the model has no LoRA factors of adapter "
+                             f"{adapter_name!r} to train or freeze (is it a PeftModel?)")
+
     # --- apply
+    if factor_params is not None:
+        for side, params in factor_params.items():
+            for prm in params:
+                prm.requires_grad_(side in trains)
     with torch.no_grad():
         for w, lr in plan:
             fedmomentum.merge_residual_(w.data, lr)
@@ -266,7 +354,8 @@ def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Messag
                 state[key] = content[key]
     return {"merged_rounds": todo,
             "residual_rank": sum(lr.rank for _, lr in plan),
-            "adapter_loaded": adapter is not None}
+            "adapter_loaded": adapter is not None,
+            "trains": trains}
 
 
 # ----------------------------------------------------------------------------- server side
@@ -285,7 +374,14 @@ class FedMomentumStrategy(FedAvg):
             use_rslora, rank_pattern, alpha_pattern, ...): gives the LoRA scalings.
         base: the base model (``nn.Module``, e.g. the PeftModel before training, or a state dict)
             the server keeps a copy of and merges residuals into. Required for ``"server"``.
-        aggregate_kwargs: extra keyword arguments for ``fedmomentum.aggregate``.
+        aggregate_kwargs: extra keyword arguments for ``fedmomentum.aggregate`` (not
+            ``method_options``: use the argument below).
+        method_options: the method's static options (``MethodSpec.options``), e.g.
+            ``{"lam": 0.7}`` for fedrot_lora; checked here (ValueError naming the method and what
+            it accepts). ``round`` and ``reference`` are not given here: the strategy passes
+            ``round=server_round`` and ``reference=`` the adapter the round started from. Nor is
+            ``client_ranks`` (it is indexed by client position, which Flower re-draws every round):
+            each node keeps its own rank (the rank of its reply).
         accept_failures: Flower's failure setting (as in the legacy ``FedAvg``): with ``True``
             (default) a round is aggregated over the replies that arrived, their weights
             renormalised over them; with ``False`` a round in which any sampled node failed (error
@@ -299,6 +395,10 @@ class FedMomentumStrategy(FedAvg):
 
     Attributes:
         last_aggregation: the ``fedmomentum.ModelAggregation`` of the latest round (or None).
+        method_options: the static method options (checked, normalised).
+        node_adapters: ``{node id: adapter state dict}``, per-client methods only: the adapter
+            each node aggregated in the latest round gets in the next messages (see the module
+            docstring, "Methods").
         round_metrics: ``{round: {"aggregation-seconds": ..., "energy-kept": ..., ...}}``.
         round_nodes: ``{round: {"sent": [...], "aggregated": [...], "failed": [...],
             "missing": [...]}}``: node ids of the train messages, of the replies aggregated, of
@@ -309,9 +409,13 @@ class FedMomentumStrategy(FedAvg):
                  solver: str = "auto", residual: str = "ship", lora_config: Any = None,
                  base: Union[torch.nn.Module, Mapping[str, torch.Tensor], None] = None,
                  aggregate_kwargs: Optional[dict] = None, accept_failures: bool = True,
-                 min_train_replies: int = 1, **fedavg_kwargs: Any) -> None:
+                 min_train_replies: int = 1, method_options: Optional[Mapping] = None,
+                 **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
-        get_method(method)  # ValueError naming the choices for an unknown method
+        self._spec = get_method(method)  # ValueError naming the choices for an unknown method
+        self.method_options = self._static_options(self._spec, method_options)
+        if "method_options" in (aggregate_kwargs or {}):
+            raise ValueError("pass the method's options as method_options=, not in aggregate_kwargs")
         if solver != "auto" and solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose auto or one of {sorted(SOLVERS)}")
         if residual not in _RESIDUAL_MODES:
@@ -350,14 +454,65 @@ class FedMomentumStrategy(FedAvg):
         self.round_nodes: dict[int, dict[str, list[int]]] = {}
         self._sent: dict[tuple[str, int], list[Message]] = {}  # (train|evaluate, round) -> messages
         self._reply_nodes: dict[int, int] = {}  # id(reply) -> node, for the replies being aggregated
+        self._round_start: dict[int, ArrayRecord] = {}  # round -> the adapter configure_train sent
+        self.node_adapters: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _static_options(spec, given: Optional[Mapping]) -> dict:
+        """The user's ``method_options`` checked against the method (the registry's own check and
+        message), without the options the strategy sets every round."""
+        if given is None:
+            return {}
+        if not isinstance(given, Mapping):
+            raise TypeError(f"method_options must be a dict (option name -> value), got {type(given).__name__}")
+        names = {o.name for o in spec.options}
+        for key in given:
+            if key in names and key in _ROUND_OPTIONS:
+                raise ValueError(
+                    f"method {spec.name!r}: method_options[{key!r}] is set by FedMomentumStrategy every "
+                    f"round (round = Flower's server_round, reference = the adapter the round started "
+                    f"from); leave it out")
+            if key in names and key in _PER_CLIENT_OPTIONS:
+                raise ValueError(
+                    f"method {spec.name!r}: method_options[{key!r}] is not supported with Flower: it is "
+                    f"indexed by client position, and which node is the k-th reply changes every round; "
+                    f"each node keeps its own rank (the rank of the adapter it replies with)")
+        probe = dict(given)
+        if "round" in names:
+            probe["round"] = 0   # a placeholder for the check only; the strategy passes server_round
+        resolved = spec.resolve_options(probe)   # unknown keys, bad values: ValueError naming the method
+        return {k: resolved[k] for k in given}
+
+    def _round_options(self, server_round: int, start: Optional[ArrayRecord]) -> Optional[dict]:
+        """The ``method_options`` of round ``server_round``: the static ones, plus ``round`` and
+        ``reference`` (``start``: the adapter configure_train sent) when the method takes them.
+        None for a method without options."""
+        names = {o.name for o in self._spec.options}
+        if not names:
+            return None
+        opts = dict(self.method_options)
+        if "round" in names:
+            opts["round"] = int(server_round)
+        if "reference" in names:
+            if start is not None:
+                sd = start.to_torch_state_dict()
+            elif self._adapter is not None:   # no configure_train seen: the latest global adapter
+                sd = self._adapter
+            else:
+                sd = None
+            if sd is not None:
+                opts["reference"] = _rules.adapter_pairs(
+                    sd, where=f"round {server_round}'s reference (the adapter configure_train sent)")
+        return opts
 
     # ---------------------------------------------------------------- logging
     def summary(self) -> None:
         """Log the configuration (FedAvg's summary plus the FedMomentum options)."""
         super().summary()
         log(INFO, "\t└──> FedMomentum: method=%s rank=%s solver=%s residual=%s "
-            "accept_failures=%s min_train_replies=%d", self.method, self.rank, self.solver,
-            self.residual, self.accept_failures, self.min_train_replies)
+            "accept_failures=%s min_train_replies=%d method_options=%s", self.method, self.rank,
+            self.solver, self.residual, self.accept_failures, self.min_train_replies,
+            self.method_options)
 
     # ---------------------------------------------------------------- messages out
     def _attach_residuals(self, messages: Iterable[Message], through: int) -> list[Message]:
@@ -413,20 +568,47 @@ class FedMomentumStrategy(FedAvg):
             if node in self._pending:
                 self._acked[node] = max(self._acked.get(node, 0), self._pending.pop(node))
 
+    def _attach_method(self, messages: Iterable[Message], server_round: Optional[int]) -> list[Message]:
+        """Each message gets its own content (FedAvg's share one RecordDict); per-client methods:
+        a node aggregated in the latest round gets its own adapter; train messages
+        (``server_round`` given) get the :data:`TRAIN_FACTORS_KEY` record."""
+        messages = list(messages)
+        factors = None
+        if server_round is not None:
+            factors = ConfigRecord({"factors": sorted(self._spec.trains_in(server_round)),
+                                    "round": int(server_round), "method": self.method})
+        for msg in messages:
+            own = self.node_adapters.get(msg.metadata.dst_node_id)
+            if factors is None and own is None:
+                continue
+            content = RecordDict(dict(msg.content.items()))
+            if own is not None and self.arrayrecord_key in content:
+                content[self.arrayrecord_key] = ArrayRecord(own)
+            if factors is not None:
+                content[TRAIN_FACTORS_KEY] = factors
+            msg.content = content
+        return messages
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """FedAvg's train messages, plus the residual rounds each node has not acknowledged."""
+        """FedAvg's train messages, plus the residual rounds each node has not acknowledged, the
+        factors to train (:data:`TRAIN_FACTORS_KEY`) and, for per-client methods, each node's own
+        adapter."""
         self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        msgs = self._attach_residuals(super().configure_train(server_round, arrays, config, grid),
-                                      server_round - 1)
+        if any(o.name == "reference" for o in self._spec.options):
+            self._round_start = {server_round: arrays}   # the reference of this round's aggregation
+        msgs = self._attach_method(super().configure_train(server_round, arrays, config, grid),
+                                   server_round)
+        msgs = self._attach_residuals(msgs, server_round - 1)
         self._sent[("train", server_round)] = msgs
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """FedAvg's evaluate messages, plus residual rounds up to this one (exact evaluation)."""
-        msgs = self._attach_residuals(super().configure_evaluate(server_round, arrays, config, grid),
-                                      server_round)
+        """FedAvg's evaluate messages, plus residual rounds up to this one (exact evaluation);
+        per-client methods: each node its own adapter, as for training."""
+        msgs = self._attach_method(super().configure_evaluate(server_round, arrays, config, grid), None)
+        msgs = self._attach_residuals(msgs, server_round)
         self._sent[("evaluate", server_round)] = msgs
         return msgs
 
@@ -495,7 +677,26 @@ class FedMomentumStrategy(FedAvg):
             if "A" in pair and "B" in pair and pair["B"].shape[1] != pair["A"].shape[0]:
                 raise _BadReply(f"{name}: lora_B is {tuple(pair['B'].shape)} but lora_A is "
                                 f"{tuple(pair['A'].shape)} (ranks differ)")
-        return sd, float(weight), metrics
+        ranks = {name: int(pair["A"].shape[0]) for name, pair in modules.items() if "A" in pair}
+        return sd, float(weight), metrics, self._reply_config(ranks)
+
+    def _reply_config(self, ranks: Mapping[str, int]) -> Optional[dict]:
+        """The adapter config a reply with LoRA ranks ``ranks`` (module -> rank) is read with:
+        ``lora_config`` when its ranks agree, else ``lora_config`` at the reply's one rank (same
+        lora_alpha / alpha_pattern / use_rslora: a client of another rank, as for FlexLoRA)."""
+        cfg = self.lora_config
+        if not cfg:
+            return None
+        off = {m: r for m, r in ranks.items() if int(_rules.module_rank_alpha(cfg, m)[0]) != r}
+        if not off:
+            return cfg
+        mine = set(ranks.values())
+        if len(mine) == 1 and not any(_rules.module_rank_alpha(cfg, m)[2] is not None for m in ranks):
+            return {**cfg, "r": mine.pop()}
+        name, r = next(iter(off.items()))
+        raise _BadReply(f"{name}: LoRA rank {r} differs from lora_config's "
+                        f"{_rules.module_rank_alpha(cfg, name)[0]} and the reply's ranks are not one "
+                        f"rank outside rank_pattern ({sorted(mine)}); cannot tell its LoRA scale")
 
     def _valid_replies(self, replies: list[Message]):
         good, dropped = [], 0
@@ -534,11 +735,45 @@ class FedMomentumStrategy(FedAvg):
                 dropped += 1
         return good, dropped
 
-    def _aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float]):
+    def _aggregate(self, states: list[dict[str, torch.Tensor]], weights: list[float],
+                   configs: Optional[list] = None, method_options: Optional[dict] = None):
         kwargs = dict(self.aggregate_kwargs)
-        return fedmomentum.aggregate(states, weights, configs=self.lora_config or None,
+        if method_options is not None:
+            kwargs["method_options"] = method_options
+        if configs is None or all(c is None for c in configs):
+            configs = self.lora_config or None
+        return fedmomentum.aggregate(states, weights, configs=configs,
                                      method=self.method, rank=self.rank, solver=self.solver,
                                      **kwargs)
+
+    def _own_adapters(self, agg, nodes: list[int], configs: list) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-client methods: node -> its own adapter (``agg.per_client[k]`` for the k-th reply,
+        rescaled from the aggregate's LoRA scale to the one of that node's config, plus the global
+        non-LoRA entries)."""
+        out_scale = {r.name: float(r.out_scaling) for r in agg.report}
+        others = {k: v.detach().cpu().clone() for k, v in agg.state_dict.items() if _module_of(k) is None}
+        adapters: dict[int, dict[str, torch.Tensor]] = {}
+        for node, own, cfg in zip(nodes, agg.per_client, configs):
+            ranks = {}
+            for key, t in own.items():
+                mod = _module_of(key)
+                if mod is not None and mod[1] == "A":
+                    ranks[mod[0]] = int(t.shape[0])
+            sd = dict(others)
+            for key, t in own.items():
+                mod = _module_of(key)
+                t = t.detach().cpu()
+                if mod is not None and mod[0] in out_scale and mod[0] in ranks:
+                    # s_node·B'A' = out_scale·BA: both factors by √(out_scale / s_node)
+                    ratio = out_scale[mod[0]] / _module_scaling(cfg, mod[0], ranks[mod[0]])
+                    if ratio != 1.0:
+                        if ratio > 0:
+                            t = (t.to(torch.float64) * math.sqrt(ratio)).to(t.dtype)
+                        elif mod[1] == "B":
+                            t = (t.to(torch.float64) * ratio).to(t.dtype)
+                sd[key] = t.contiguous().clone()
+            adapters[int(node)] = sd
+        return adapters
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -550,6 +785,7 @@ class FedMomentumStrategy(FedAvg):
         itself is logged and also gives ``(None, None)`` (the previous adapter is kept).
         """
         replies = list(replies)
+        start = self._round_start.pop(server_round, None)
         missing = self._missing("train", server_round, replies)
         good, dropped = self._valid_replies(replies)
         node_of = self._reply_nodes
@@ -576,11 +812,12 @@ class FedMomentumStrategy(FedAvg):
                 self.min_train_replies)
             return None, None
         self._ack(m for m, *_ in good)
-        states = [sd for _, sd, _, _ in good]
-        weights = [w for _, _, w, _ in good]
+        states = [sd for _, sd, _, _, _ in good]
+        weights = [w for _, _, w, _, _ in good]
+        configs = [c for *_, c in good]
         t0 = time.perf_counter()
         try:
-            agg = self._aggregate(states, weights)
+            agg = self._aggregate(states, weights, configs, self._round_options(server_round, start))
         except (ValueError, TypeError) as e:
             log(ERROR, "aggregate_train: round %d aggregation failed, keeping the previous "
                 "adapter: %s", server_round, e)
@@ -595,6 +832,13 @@ class FedMomentumStrategy(FedAvg):
         self._adapter = {k: v.detach().clone() for k, v in agg.state_dict.items()}
         self._adapter_config = {**self.lora_config, **dict(getattr(agg, "config", None) or {})}
         self.last_aggregation = agg
+        self.node_adapters = {}
+        if self._spec.per_client and agg.per_client:
+            try:
+                self.node_adapters = self._own_adapters(agg, aggregated, configs)
+            except (ValueError, TypeError) as e:   # every node gets the global adapter instead
+                log(ERROR, "aggregate_train: round %d: per-client adapters not kept, every node "
+                    "gets the global adapter: %s", server_round, e)
 
         energies = [float(r.energy_kept) for r in agg.report
                     if r.energy_kept is not None and math.isfinite(float(r.energy_kept))]

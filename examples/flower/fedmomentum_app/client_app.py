@@ -3,7 +3,11 @@
 Every message builds a fresh base model (as Flower ClientApps usually do) and calls
 ``fedmomentum.flower.apply_server_update(model, msg.content, state=context.state)``, which merges
 every residual round the server has shipped so far into the base weights and loads the new
-adapter. That one call is the whole client-side change from a FedAvg LoRA app.
+adapter. That one call is the whole client-side change from a FedAvg LoRA app. For methods whose
+clients train one factor (ffa_lora and fedsvd: B; rolora: B in odd rounds, A in even ones) the
+train message says which (``fedmomentum.flower.TRAIN_FACTORS_KEY``) and the same call freezes
+the other one (``requires_grad=False``); :func:`.task.train` optimises only parameters with
+``requires_grad``.
 
 Node config (``flower-supernode --node-config "..."``; in the simulation Flower sets both):
 ``partition-id`` and ``num-partitions`` pick this node's data. Two more keys exist for the
@@ -43,7 +47,7 @@ def _record(cfg, msg: Message, context: Context, kind: str, model, info) -> None
     where = artifacts.client_dir(cfg.output_dir, context.node_id)
     meta = {"node-id": context.node_id, "server-round": rnd, "kind": kind,
             "partition-id": int(context.node_config.get("partition-id", 0)),
-            "merged-rounds": info["merged_rounds"]}
+            "merged-rounds": info["merged_rounds"], "trains": info.get("trains")}
     artifacts.save_tensors(where / f"round-{rnd:03d}-{kind}.safetensors", task.effective_weights(model))
     artifacts.save_json(where / f"round-{rnd:03d}-{kind}.json", meta)
 

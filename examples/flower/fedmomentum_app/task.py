@@ -51,7 +51,8 @@ def loss_on(model, data: torch.Tensor) -> float:
 
 
 def train(model, data: torch.Tensor, steps: int = 5, lr: float = 5e-2, batch: int = 16) -> float:
-    """A few AdamW steps on the LoRA parameters; returns the mean training loss."""
+    """A few AdamW steps on the trainable LoRA parameters (``requires_grad``: a factor the
+    round freezes, set by ``apply_server_update``, is left as it is); returns the mean loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
