@@ -272,6 +272,56 @@ def test_example_app_clients_train_only_the_factor_the_round_says(task_identity)
             torch.testing.assert_close(returned[2][key], returned[1][key], rtol=0, atol=0)
 
 
+def test_fedsa_lora_replies_with_own_B_accepted_and_example_clients_keep_their_B(task_identity, monkeypatch):
+    """fedsa_lora: the global adapter is A only, the replies carry the clients' own B as well
+    (accepted from round 2 on), and the example ClientApp starts round 2 from its own round-1 B."""
+    from flower_grid import InProcessGrid
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    from fedmomentum_app import client_app, task
+    model = task.build_model()
+    strat = FedMomentumStrategy(method="fedsa_lora", rank=task.RANK, lora_config=model.peft_config["default"],
+                                min_available_nodes=2, min_train_nodes=2, min_evaluate_nodes=2)
+    grid = InProcessGrid(client_app.app, {101: {"partition-id": 0, "num-partitions": 2},
+                                          202: {"partition-id": 1, "num-partitions": 2}}, {})
+    started, replied, sent = {}, {}, {}
+    train = task.train
+
+    def recording_train(m, data, **kw):
+        b = {n: prm.detach().clone() for n, prm in m.named_parameters() if ".lora_B." in n}
+        started.setdefault(int(data.sum()), []).append(b)
+        return train(m, data, **kw)
+
+    monkeypatch.setattr(task, "train", recording_train)
+    send = grid.send_and_receive
+
+    def recording_send(messages, **kw):
+        messages = list(messages)
+        out = send(messages, **kw)
+        for msg, rep in zip(messages, out):
+            if msg.metadata.message_type == "train":
+                sent.setdefault(msg.metadata.dst_node_id, []).append(set(msg.content["arrays"].keys()))
+                replied.setdefault(msg.metadata.dst_node_id, []).append(
+                    rep.content["arrays"].to_torch_state_dict())
+        return out
+
+    grid.send_and_receive = recording_send
+    result = strat.start(grid=grid, initial_arrays=ArrayRecord(task.adapter_state_dict(model)), num_rounds=2,
+                         train_config=ConfigRecord({"local-steps": 2}))
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert strat.round_nodes[2]["aggregated"] == [101, 202]
+    for node in (101, 202):
+        assert not any(".lora_B." in k for k in sent[node][1])        # round 2: A only
+        assert any(".lora_B." in k for k in replied[node][1])         # the node's own B came back
+    # round 2 started from each node's own round-1 B (matched by the node's data fingerprint)
+    assert len(started) == 2
+    for starts in started.values():
+        assert len(starts) == 2
+        node = next(n for n in (101, 202) if all(
+            torch.equal(v, replied[n][0][k.replace(".default", "")]) for k, v in starts[1].items()))
+        assert node in (101, 202)
+
+
 # ----------------------------------------------------------------------------- (e) static options
 
 @pytest.mark.parametrize("method, options, words", [

@@ -64,6 +64,11 @@ Methods (every name in ``fedmomentum.METHODS``)
   components are its top-r_k truncation). The strategy's returned ``ArrayRecord`` is always the
   global adapter. A reply whose LoRA rank differs from ``lora_config``'s ``r`` is read with
   ``lora_config`` at the reply's rank (same ``lora_alpha`` / ``use_rslora``).
+* Methods whose clients keep their own B (``keeps_client_B``: fedsa_lora): the global adapter
+  holds ``lora_A`` only; replies may carry the client's own ``lora_B`` as well (accepted without
+  a shape reference). :func:`apply_server_update` loads A and leaves B as it is, so a client that
+  builds a fresh model every message must keep its own B itself (the example app keeps it in
+  ``context.state``).
 
 * ``residual="ship"``: the residual of round t (per module a :class:`~fedmomentum.LowRank` in the
   orientation of the module's ``weight``: ``weight += left @ right``) is sent in the following
@@ -645,7 +650,13 @@ class FedMomentumStrategy(FedAvg):
         if isinstance(weight, list) or not math.isfinite(float(weight)) or float(weight) <= 0:
             raise _BadReply(f"{self.weighted_by_key!r} is {weight!r}; expected a positive number")
         keys = set(rec.keys())
-        if ref is not None and keys != set(ref):
+        own_b: set[str] = set()
+        if ref is not None and self._spec.keeps_client_B:
+            # fedsa_lora: the global adapter has no lora_B; each client replies with its own B
+            ref_a = {m[0] for m in map(_module_of, ref) if m is not None and m[1] == "A"}
+            own_b = {k for k in keys - set(ref)
+                     if (m := _module_of(k)) is not None and m[1] == "B" and m[0] in ref_a}
+        if ref is not None and keys - own_b != set(ref):
             missing, extra = sorted(set(ref) - keys), sorted(keys - set(ref))
             raise _BadReply(f"adapter keys differ: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
                             f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
@@ -660,13 +671,13 @@ class FedMomentumStrategy(FedAvg):
                 raise _BadReply(f"{key!r} has dtype {t.dtype}; expected a floating dtype")
             if not bool(torch.isfinite(t).all()):
                 raise _BadReply(f"{key!r} has non-finite values")
-            if ref is not None and tuple(t.shape) != ref[key] and mod is None:
+            if ref is not None and mod is None and tuple(t.shape) != ref[key]:
                 raise _BadReply(f"{key!r} has shape {tuple(t.shape)}, expected {ref[key]}")
             if mod is None:
                 continue
             if t.dim() != 2:
                 raise _BadReply(f"{key!r} is {tuple(t.shape)}; expected a 2-D LoRA factor")
-            if ref is not None:
+            if ref is not None and key not in own_b:
                 want = ref[key]
                 dim = 1 if mod[1] == "A" else 0  # n of A (r x n), m of B (m x r): ranks may differ
                 if len(want) != 2 or want[dim] != t.shape[dim]:

@@ -7,7 +7,9 @@ adapter. That one call is the whole client-side change from a FedAvg LoRA app. F
 clients train one factor (ffa_lora and fedsvd: B; rolora: B in odd rounds, A in even ones) the
 train message says which (``fedmomentum.flower.TRAIN_FACTORS_KEY``) and the same call freezes
 the other one (``requires_grad=False``); :func:`.task.train` optimises only parameters with
-``requires_grad``.
+``requires_grad``. For methods whose clients keep their own B (fedsa_lora: the server sends
+lora_A only), the node keeps its trained lora_B in ``context.state`` and puts it back after
+``apply_server_update``.
 
 Node config (``flower-supernode --node-config "..."``; in the simulation Flower sets both):
 ``partition-id`` and ``num-partitions`` pick this node's data. Two more keys exist for the
@@ -19,21 +21,44 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import set_peft_model_state_dict
 
-from fedmomentum.flower import apply_server_update
+import fedmomentum
+from fedmomentum.flower import TRAIN_FACTORS_KEY, apply_server_update
 
 from . import artifacts, task
 from .config import parse_run_config
 
 app = ClientApp()
 
+#: context.state key of this node's own LoRA factors (methods whose clients keep their own B)
+OWN_FACTORS_KEY = "fedmomentum-app-own-factors"
+
+
+def _keeps_own_B(msg: Message) -> bool:
+    rec = msg.content.get(TRAIN_FACTORS_KEY) if TRAIN_FACTORS_KEY in msg.content else None
+    spec = fedmomentum.METHODS.get(rec.get("method")) if isinstance(rec, ConfigRecord) else None
+    return bool(spec is not None and spec.keeps_client_B)
+
+
+def _restore_own_factors(model, msg: Message, context: Context) -> None:
+    """Put back this node's kept factors that the message's adapter does not carry."""
+    own = context.state.get(OWN_FACTORS_KEY) if OWN_FACTORS_KEY in context.state else None
+    if not isinstance(own, ArrayRecord):
+        return
+    sent = set(msg.content["arrays"].keys()) if "arrays" in msg.content.array_records else set()
+    missing = {k: v for k, v in own.to_torch_state_dict().items() if k not in sent}
+    if missing:
+        set_peft_model_state_dict(model, missing)
+
 
 def _setup(msg: Message, context: Context):
     cfg = parse_run_config(context.run_config)
     model = task.build_model(r=cfg.lora_r, alpha=cfg.lora_alpha)
     info = apply_server_update(model, msg.content, state=context.state)
+    _restore_own_factors(model, msg, context)
     part = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
     return cfg, model, task.client_data(part, parts), info
@@ -70,8 +95,12 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_pause(cfg, msg, context)
     steps = int(msg.content["config"].get("local-steps", cfg.local_steps))
     loss = task.train(model, data, steps=steps, lr=cfg.learning_rate)
+    adapter = task.adapter_state_dict(model)
+    if _keeps_own_B(msg):
+        context.state[OWN_FACTORS_KEY] = ArrayRecord({k: v for k, v in adapter.items()
+                                                      if ".lora_B." in k})
     content = RecordDict({
-        "arrays": ArrayRecord(task.adapter_state_dict(model)),
+        "arrays": ArrayRecord(adapter),
         "metrics": MetricRecord({"train-loss": loss, "num-examples": int(data.shape[0])}),
     })
     return Message(content=content, reply_to=msg)
