@@ -240,6 +240,7 @@ def _factor_params(model: torch.nn.Module, adapter_name: str) -> dict[str, list[
                 out[side].extend(obj.parameters() if isinstance(obj, torch.nn.Module) else [obj])
     return out
 
+
 def apply_server_update(model: torch.nn.Module, record: Union[RecordDict, Message], *,
                         state: Optional[RecordDict] = None, adapter_name: str = "default",
                         arrays_key: str = "arrays") -> dict:
@@ -698,7 +699,10 @@ class FedMomentumStrategy(FedAvg):
         cfg = self.lora_config
         if not cfg:
             return None
-        off = {m: r for m, r in ranks.items() if int(_rules.module_rank_alpha(cfg, m)[0]) != r}
+        try:
+            off = {m: r for m, r in ranks.items() if int(_rules.module_rank_alpha(cfg, m)[0]) != r}
+        except (TypeError, ValueError):
+            return cfg   # a malformed config: the aggregation's own check names it
         if not off:
             return cfg
         mine = set(ranks.values())
