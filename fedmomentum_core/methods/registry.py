@@ -73,6 +73,10 @@ class MethodSpec:
         per_client: the result also holds one adapter per client, ``result.info["per_client"]``:
             a list of K ``(B_k, A_k)`` (input dtype, rank r_k, scale ``result.out_scaling``) that
             client k loads for the next round (FlexLoRA, HetLoRA: heterogeneous client ranks).
+        init: the method's own round-0 initialisation of one layer from its base weight, or None
+            (PEFT's default: B = 0): ``init(W0, rank, scaling) -> (B, A, W_new)`` with
+            ``W_new + scaling·B·A == W0`` (ILoRA's QR initialisation). A training loop applies it
+            once, before the first round, to the global model.
     """
     name: str
     fn: Callable[..., AggregationResult]
@@ -87,6 +91,7 @@ class MethodSpec:
     check_options: Optional[Callable[[dict], None]] = None
     trains_by_round: Optional[Callable[[int], Any]] = None
     per_client: bool = False
+    init: Optional[Callable[..., Any]] = None
 
     def __post_init__(self):
         if self.residual not in RESIDUAL_KINDS:
@@ -156,7 +161,7 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, *, paper: str = "", exact: bool = False, residual: str = "none",
                     keeps_client_B: bool = False, trains=("A", "B"), batchable: bool = False,
                     defers_residual: bool = False, options=(), check_options=None,
-                    trains_by_round=None, per_client: bool = False):
+                    trains_by_round=None, per_client: bool = False, init=None):
     """Decorator adding a method and its traits to the registry under ``name``."""
     def deco(fn):
         METHODS[name] = MethodSpec(name=name, fn=fn, paper=paper or (fn.__doc__ or "").strip().split("\n")[0],
@@ -164,7 +169,7 @@ def register_method(name: str, *, paper: str = "", exact: bool = False, residual
                                    trains=frozenset(trains), batchable=batchable,
                                    defers_residual=defers_residual, options=tuple(options),
                                    check_options=check_options, trains_by_round=trains_by_round,
-                                   per_client=per_client)
+                                   per_client=per_client, init=init)
         return fn
     return deco
 

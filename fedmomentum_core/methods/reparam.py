@@ -38,40 +38,6 @@ def fedsvd(inp: LayerInput, opt: Options) -> AggregationResult:
                   info={"total_energy": total})
 
 
-@register_method("ilora", exact=False, residual="none")
-def ilora(inp: LayerInput, opt: Options) -> AggregationResult:
-    """ILoRA (2025, federated LoRA with QR-based initialisation and concatenated QR aggregation for
-    heterogeneous clients): concatenated QR aggregation. ΔW = Σ p_k s_k B_k A_k = QR; the new adapter is
-    B = Q[:, :r] (orthonormal columns), A = R[:r, :]/s, so s·B·A = Q_r R_r. Factored: with the
-    stacks ΔW = B_cat A_cat, B_cat = Q_B R_B and R_B A_cat = Q_C R_C (an R x n QR), so
-    ΔW = (Q_B Q_C) R_C is a QR of ΔW (equal to LAPACK's on the dense ΔW up to the signs of paired
-    columns/rows, which cancel in Q_r R_r, when ΔW's leading R columns are independent); cost
-    O((m + n)R²), never m x n. Clients of any rank; ``rank`` ≤ min(m, n); when ΔW has fewer than
-    r columns' worth of QR (R < r) B is completed with orthonormal columns and A with zero rows.
-    The rest Q[:, r:]R[r:] is dropped (``energy_dropped``); see :func:`ilora_init` for the
-    round-0 initialisation.
-    """
-    dt = opt.compute_dtype
-    r = opt.rank
-    Bc, Ac = stack_dense(inp, dt)
-    QB, RB = torch.linalg.qr(Bc, mode="reduced")
-    QC, RC = torch.linalg.qr(RB @ Ac, mode="reduced")
-    Q = QB @ QC
-    k = Q.shape[1]
-    RC64 = RC.to(torch.float64)
-    total = float((RC64 ** 2).sum())
-    kept_e = float((RC64[:r] ** 2).sum())
-    B = Q[:, :r]
-    A = RC[:r] / inp.out_scaling
-    if k < r:  # fewer QR columns than the rank: complete B orthonormally, A with zero rows
-        extra = fresh_rows(r - k, inp.m, Q, opt, inp.device).T
-        B = torch.cat([B, extra], 1)
-        A = torch.cat([A, torch.zeros(r - k, inp.n, dtype=dt, device=inp.device)], 0)
-    kept = kept_e / total if total > 0 else 1.0
-    return finish(inp, opt, B=B, A=A, residual=None, sv=None, kept=kept, dropped=max(0.0, 1.0 - kept),
-                  method="ilora", solver="factored-qr", exact=False)
-
-
 def ilora_init(W0: torch.Tensor, rank: int, scaling: float = 1.0, *,
                compute_dtype: torch.dtype = None):
     """ILoRA's round-0 QR initialisation of one layer: W0 = QR, B = Q[:, :r], A = R[:r, :]/s and
@@ -96,3 +62,37 @@ def ilora_init(W0: torch.Tensor, rank: int, scaling: float = 1.0, *,
     Rr = Q.T @ W
     W_new = W - Q @ Rr
     return (Q.to(W0.dtype), (Rr / scaling).to(W0.dtype), W_new.to(W0.dtype))
+
+
+@register_method("ilora", exact=False, residual="none", init=ilora_init)
+def ilora(inp: LayerInput, opt: Options) -> AggregationResult:
+    """ILoRA (2025, federated LoRA with QR-based initialisation and concatenated QR aggregation for
+    heterogeneous clients): concatenated QR aggregation. ΔW = Σ p_k s_k B_k A_k = QR; the new adapter is
+    B = Q[:, :r] (orthonormal columns), A = R[:r, :]/s, so s·B·A = Q_r R_r. Factored: with the
+    stacks ΔW = B_cat A_cat, B_cat = Q_B R_B and R_B A_cat = Q_C R_C (an R x n QR), so
+    ΔW = (Q_B Q_C) R_C is a QR of ΔW (equal to LAPACK's on the dense ΔW up to the signs of paired
+    columns/rows, which cancel in Q_r R_r, when ΔW's leading R columns are independent); cost
+    O((m + n)R²), never m x n. Clients of any rank; ``rank`` ≤ min(m, n); when ΔW has fewer than
+    r columns' worth of QR (R < r) B is completed with orthonormal columns and A with zero rows.
+    The rest Q[:, r:]R[r:] is dropped (``energy_dropped``); the round-0 initialisation is
+    :func:`ilora_init` (the ``init`` trait: ``METHODS["ilora"].init``).
+    """
+    dt = opt.compute_dtype
+    r = opt.rank
+    Bc, Ac = stack_dense(inp, dt)
+    QB, RB = torch.linalg.qr(Bc, mode="reduced")
+    QC, RC = torch.linalg.qr(RB @ Ac, mode="reduced")
+    Q = QB @ QC
+    k = Q.shape[1]
+    RC64 = RC.to(torch.float64)
+    total = float((RC64 ** 2).sum())
+    kept_e = float((RC64[:r] ** 2).sum())
+    B = Q[:, :r]
+    A = RC[:r] / inp.out_scaling
+    if k < r:  # fewer QR columns than the rank: complete B orthonormally, A with zero rows
+        extra = fresh_rows(r - k, inp.m, Q, opt, inp.device).T
+        B = torch.cat([B, extra], 1)
+        A = torch.cat([A, torch.zeros(r - k, inp.n, dtype=dt, device=inp.device)], 0)
+    kept = kept_e / total if total > 0 else 1.0
+    return finish(inp, opt, B=B, A=A, residual=None, sv=None, kept=kept, dropped=max(0.0, 1.0 - kept),
+                  method="ilora", solver="factored-qr", exact=False)

@@ -1,7 +1,11 @@
 """Experiment federation: the config, one (method, seed) run's server and clients, the training loop.
 
 Method behaviour is read from the registry's traits (``fedmomentum_core.get_method``), never from
-method names."""
+method names: which factors clients train in a round (``trains_in(round)``: FFA-LoRA and FedSVD B
+only, RoLoRA B in odd rounds and A in even ones), whether a client keeps its own B (FedSA-LoRA),
+the method's options (``round``: the server round, 1-based; ``reference``: the global adapter the
+round started from, for FedRot-LoRA; other options keep their defaults) and a round-0
+initialisation (``init``: ILoRA's QR initialisation of the global adapter and base)."""
 from __future__ import annotations
 
 import copy
@@ -131,7 +135,9 @@ class Federation:
         self.head_params = {n: p for n, p in model.named_parameters()
                             if "modules_to_save" in n and p.requires_grad}
         self.client_B: dict[int, dict[str, torch.Tensor]] = {}  # fedsa_lora: each client's own B
-        self.init_B = {n: B for n, (B, _) in self.adapter().items()}  # PEFT's B = 0
+        if self.traits.init is not None:
+            self._initialise()
+        self.init_B = {n: B for n, (B, _) in self.adapter().items()}  # PEFT's B = 0 (or the init's)
         self.opt_state: dict[int, dict] = {}
         self.pending: dict[str, list] = {}  # fedmomentum with merge_every > 1
         self.gen = torch.Generator().manual_seed(seed)
@@ -168,14 +174,41 @@ class Federation:
             for n, t in head.items():
                 self.head_params[n].copy_(t)
 
-    def _trainable(self) -> list[nn.Parameter]:
+    def _initialise(self) -> None:
+        """The method's round-0 initialisation (``MethodSpec.init``) of every LoRA module: the
+        global adapter and base weight become (B, A, W0 − s·B·A); the model is unchanged."""
+        with torch.no_grad():
+            for n, mod in self.lora.items():
+                W = mod.get_base_layer().weight
+                r = mod.lora_A["default"].weight.shape[0]
+                B, A, W_new = self.traits.init(W.detach(), r, self.scaling(n))
+                W.copy_(W_new)
+                mod.lora_B["default"].weight.copy_(B)
+                mod.lora_A["default"].weight.copy_(A)
+
+    def _trainable(self, rnd: int) -> list[nn.Parameter]:
+        """The parameters clients train in round ``rnd``: the LoRA factors the method trains then
+        (``trains_in(rnd)``; the others frozen) and the head."""
+        trains = self.traits.trains_in(rnd)
         params = []
         for n, m in self.lora.items():
             a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-            a.requires_grad_("A" in self.traits.trains)
-            b.requires_grad_(True)
-            params += ([a] if "A" in self.traits.trains else []) + [b]
+            a.requires_grad_("A" in trains)
+            b.requires_grad_("B" in trains)
+            params += ([a] if "A" in trains else []) + ([b] if "B" in trains else [])
         return params + list(self.head_params.values())
+
+    def method_options(self, rnd: int, reference: Optional[dict] = None) -> Optional[dict]:
+        """The options the method declares that the loop knows: ``round`` (the server round) and
+        ``reference`` (the global adapter the round started from, module -> (B, A)); None when
+        the method takes neither."""
+        names = {o.name for o in self.traits.options}
+        mo: dict[str, Any] = {}
+        if "round" in names:
+            mo["round"] = rnd
+        if "reference" in names and reference is not None:
+            mo["reference"] = {n: tuple(pair) for n, pair in reference.items()}
+        return mo or None
 
     def _client_seed(self, rnd: int, k: int) -> int:
         return (self.seed * 1_000_003 + rnd * 10_007 + k) % (2 ** 31)
@@ -189,7 +222,7 @@ class Federation:
             ad = {n: (own[n], A) for n, (_, A) in ad.items()}
         self._set_adapter(ad)
         self._set_head(server_head)
-        params = self._trainable()
+        params = self._trainable(rnd)
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.cfg.optimizer_state == "kept" and k in self.opt_state:
             opt.load_state_dict(self.opt_state[k])
@@ -241,8 +274,11 @@ class Federation:
                     fm.merge_residual_(W.data, res)
         self.pending = {}
 
-    def aggregate(self, updates: Sequence[ClientUpdate], rnd: int) -> tuple[float, float]:
-        """Aggregate every LoRA module with the method; returns (seconds, mean energy_kept)."""
+    def aggregate(self, updates: Sequence[ClientUpdate], rnd: int,
+                  reference: Optional[dict] = None) -> tuple[float, float]:
+        """Aggregate every LoRA module with the method; returns (seconds, mean energy_kept).
+        ``reference``: the global adapter the round started from (module -> (B, A)), given to
+        methods that take it (:meth:`method_options`)."""
         import fedmomentum as fm
 
         w = [float(u.num_examples) for u in updates]
@@ -251,12 +287,13 @@ class Federation:
         new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         energies = []
         to_merge: dict[str, Any] = {}
+        mo = self.method_options(rnd, reference)
         for n, mod in self.lora.items():
             s = self.scaling(n)
             r = mod.lora_A["default"].weight.shape[0]
             res = fm.aggregate_lora([u.lora[n][0] for u in updates], [u.lora[n][1] for u in updates], w,
                                     rank=r, scalings=s, method=self.method, solver=self.cfg.solver,
-                                    generator=self.gen, name=n)
+                                    generator=self.gen, name=n, method_options=mo)
             energies.append(res.energy_kept)
             if res.B is None:  # fedsa_lora: clients keep their B; the server's is a mean, for eval
                 new[n] = (self._fedsa_global_B(n), res.A)
@@ -291,7 +328,7 @@ class Federation:
         server_adapter = self.adapter()
         server_head = {n: p.detach().clone() for n, p in self.head_params.items()}
         updates = [self.local_train(k, rnd, server_adapter, server_head) for k in chosen]
-        secs, energy = self.aggregate(updates, rnd)
+        secs, energy = self.aggregate(updates, rnd, reference=server_adapter)
         loss = float(np.average([u.train_loss for u in updates], weights=[u.num_examples for u in updates]))
         return RoundRecord(rnd, chosen, loss, secs, energy, updates if keep_updates else [])
 
