@@ -32,18 +32,27 @@ def plot_convergence(rows: Sequence[dict], path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.8))
     first = rows[0]["method"] if rows else None  # the method under test is listed first: drawn thicker
+    # one distinct look per method, up to 20 methods x 4 line styles: tab20's dark shades first,
+    # then its light ones; the line style changes every 10 methods so no two lines look alike
+    palette = plt.get_cmap("tab20").colors
+    colors = palette[0::2] + palette[1::2]
+    styles = ("-", "--", ":", "-.")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    band = 0.15 if len(methods) <= 6 else 0.06
     for ax, key, label in ((axes[0], "eval_accuracy", "held-out accuracy"), (axes[1], "eval_loss", "held-out loss")):
         for m, (rounds, vals) in _curves(rows, key).items():
+            i = methods.index(m)
             mean, std = np.nanmean(vals, 0), np.nanstd(vals, 0)
             line, = ax.plot(rounds, mean, marker="o", ms=3, label=f"{m} (n={vals.shape[0]})",
+                            color=colors[i % len(colors)], ls=styles[(i // 10) % len(styles)],
                             lw=2.4 if m == first else 1.4)
-            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=band)
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
