@@ -31,6 +31,7 @@ import torch
 
 from . import profiling as _profiling
 from .methods import BATCH_BYTES, aggregate_layer, aggregate_layers, get_method
+from .validate import all_finite
 from . import cost as _cost
 from .linalg import release_workspace as _release_workspace
 from .types import LowRank
@@ -494,7 +495,7 @@ def average_tensors(keys: Iterable[str], load: TensorLoader, p: Sequence[float],
             if not t.dtype.is_floating_point:
                 raise TypeError(f"{clients[k]}: non-LoRA tensor {key!r} has dtype {t.dtype}; only "
                                 "floating tensors can be averaged")
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"{clients[k]}: non-LoRA tensor {key!r} has NaN/Inf entries")
         acc = sum(pk * t.to(torch.float32) for pk, t in zip(p, ts))
         out[key] = acc.to(ts[0].dtype)

@@ -79,6 +79,15 @@ def _numbers(x, K: int, what: str, pre: str) -> list[float]:
     return vals
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no entry of ``t`` is NaN or Inf. A finite sum proves it (an Inf or NaN entry makes
+    any float sum Inf or NaN) in one streaming pass, where ``isfinite(t).all()`` also writes and
+    reads a mask as large as ``t`` (several times slower); only a non-finite sum (a bad entry, or
+    finite entries whose sum overflows) takes the entry-wise test."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(Bl: list, Al: list, pre: str) -> None:
     """NaN/Inf check. Fast path: one fp32 sum per tensor (NaN and Inf propagate through a sum);
     only when a sum is not finite is the tensor scanned entry by entry to name the culprit."""

@@ -10,6 +10,16 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 
+class Nodes:
+    """The part of a Grid that FedAvg's sampling uses."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
 class InProcessGrid(Grid):
     def __init__(self, client_app, node_configs: dict[int, dict], run_config: dict):
         self.client_app = client_app

@@ -23,17 +23,9 @@ from fedmomentum.flower import (  # noqa: E402
 from test_flower import (MODULES, R, S, client_sd, dense_sum, effective, lora_cfg,  # noqa: E402
                          task_identity, tiny_peft)
 
+from flower_grid import Nodes  # noqa: E402
+
 __all__ = ["task_identity"]   # the fixture, imported for pytest
-
-
-class Nodes:
-    """The part of a Grid that FedAvg's sampling uses."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return list(self.ids)
 
 
 def strategy(**kw) -> FedMomentumStrategy:

@@ -23,17 +23,9 @@ from fedmomentum.flower import TRAIN_FACTORS_KEY, FedMomentumStrategy, apply_ser
 from test_flower import (ALPHA, EXAMPLE, MODULES, R, S, Tiny, client_sd, lora_cfg,  # noqa: E402
                          task_identity, tiny_peft)
 
+from flower_grid import Nodes  # noqa: E402
+
 __all__ = ["task_identity"]   # the fixture, imported for pytest
-
-
-class Nodes:
-    """The part of a Grid that FedAvg's sampling uses."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return list(self.ids)
 
 
 def strategy(method: str, **kw) -> FedMomentumStrategy:

@@ -68,3 +68,23 @@ def test_weights_normalised_and_tensor_weights_accepted():
     r1 = fm.aggregate_lora(B, A, [1, 2, 3])
     r2 = fm.aggregate_lora(B, A, torch.tensor([10.0, 20.0, 30.0]))
     assert torch.allclose(r1.B.double() @ r1.A.double(), r2.B.double() @ r2.A.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_matches_entrywise_check(dtype):
+    """The sum fast path must agree with isfinite().all(), including finite tensors whose sum
+    overflows (the fallback) and single NaN/Inf entries anywhere."""
+    from fedmomentum_core.validate import all_finite
+    big = torch.finfo(dtype).max
+    t = torch.full((64, 33), big, dtype=dtype)       # finite, but its sum overflows any float acc
+    assert bool(torch.isfinite(t).all()) and all_finite(t)
+    t = torch.randn(64, 33).to(dtype)
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in ((0, 0), (63, 32), (17, 5)):
+            u = t.clone()
+            u[pos] = bad
+            assert not all_finite(u)
+    u = t.clone()
+    u[0, 0], u[1, 1] = float("inf"), float("-inf")  # Inf + -Inf = NaN: still caught
+    assert not all_finite(u)

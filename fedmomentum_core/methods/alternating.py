@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..types import AggregationResult, LowRank
-from ..validate import LayerInput
+from ..validate import LayerInput, all_finite
 from .common import Options, finish, weighted_mean
 from .factored import LAM, REFERENCE, ROUND, lookup_reference, polar, same_ranks, shared_factor
 from .registry import register_method
@@ -72,7 +72,7 @@ def _check_reference(ref, inp: LayerInput, opt: Options, r: int):
     for what, t in (("B_prev", Bg), ("A_prev", Ag)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{opt.prefix}fedrot_lora: reference {what} has dtype {t.dtype}; expected a float dtype")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{opt.prefix}fedrot_lora: reference {what} has NaN/Inf entries")
     return Bg.to(inp.device), Ag.to(inp.device)
 

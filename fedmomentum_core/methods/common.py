@@ -11,7 +11,7 @@ import torch
 from ..linalg import SOLVERS, stack_dense
 from ..options import AggregateOptions, SolverTuning
 from ..types import AggregationResult, LowRank, SVDFactors
-from ..validate import LayerInput, _check_finite
+from ..validate import LayerInput, _check_finite, all_finite
 
 __all__ = ["Options", "run_solver", "rebuild", "finish", "averages", "weighted_mean", "full_lowrank"]
 
@@ -150,9 +150,9 @@ def rebuild(inp: LayerInput, opt: Options, svd: SVDFactors, r: int, *, residual_
 
 
 def _check_outputs(inp: LayerInput, opt: Options, parts) -> None:
-    """ValueError when an output has NaN/Inf entries (O((m+n)·rank): one isfinite pass)."""
+    """ValueError when an output has NaN/Inf entries (``validate.all_finite``: one sum per tensor)."""
     for what, t in parts:
-        if t is None or t.numel() == 0 or bool(torch.isfinite(t).all()):
+        if t is None or t.numel() == 0 or all_finite(t):
             continue
         if t.dtype != opt.compute_dtype:  # the cast to the output dtype overflowed
             wider = {torch.float16: "torch.float32 (or torch.bfloat16, which has float32's range)",
