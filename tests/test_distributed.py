@@ -231,6 +231,22 @@ def test_failing_shard_fails_every_rank_and_writes_nothing(llama, tmp_path):
     _no_leftovers(tmp_path / "work", set())
 
 
+def test_bad_out_refused_while_planning_before_any_aggregation(llama, tmp_path):
+    """A foreign non-empty --out is refused by rank 0's up-front check, reported by every rank as a
+    planning failure (not after the aggregation), and the folder is left exactly as it was."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    run = _torchrun(["aggregate", *llama["dirs"], "--out", str(out), "--rank", "2"], tmp_path)
+    assert run.returncode != 0
+    head = "fedmomentum aggregate: error: rank 0 of 2 failed while planning"
+    assert run.stderr.count(head) == 2, run.stderr[-3000:]
+    assert str(out) in run.stderr[run.stderr.index(head):]
+    assert "aggregating" not in run.stderr
+    _no_leftovers(out, {"notes.txt"})
+    assert (out / "notes.txt").read_text() == "a user's file"
+
+
 # ----------------------------------------------------------------------------- in-process
 
 def test_single_process_falls_back_to_local(llama, tmp_path, monkeypatch):

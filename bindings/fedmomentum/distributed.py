@@ -298,6 +298,10 @@ def _run_sharded(adapter_dirs, out_dir, weights, *, rank, method, solver, residu
         aplan = _peft.plan_adapters(adapter_dirs, weights)
         if me == 0:
             _peft.check_adapter_paths(out_dir, residual=residual, base_model=base_model, merged_out=merged_out)
+            # refuse a bad --out / --merged-out before any rank works (read-only: the transaction,
+            # with its locks, is opened by rank 0 at write time and checks again)
+            _peft.check_outputs(out_dir, merged_out if residual == "merge" else None, overwrite=overwrite,
+                                adapter_dirs=adapter_dirs, base_model=base_model)
     except Exception as e:  # noqa: BLE001 - reported to every rank
         err = e
     _exchange_status(err, "planning", me, group)
