@@ -338,3 +338,38 @@ def test_good_static_options_and_aggregate_kwargs_conflict():
     assert FedMomentumStrategy(method="rolora").method_options == {}
     with pytest.raises(ValueError, match="method_options="):
         FedMomentumStrategy(method="fedrot_lora", aggregate_kwargs={"method_options": {"lam": 0.1}})
+
+
+def test_example_app_runs_ilora_with_its_initialisation_on_server_and_clients(task_identity):
+    """ilora's init trait in the example app: the server initialises its model before sending the
+    initial adapter (B = Q[:, :r], not PEFT's zeros), every client does the same to its fresh
+    base, so after each round the clients' effective weights equal the server's view (with only
+    one side initialised they would differ by s·B0·A0)."""
+    from flower_grid import InProcessGrid
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    from fedmomentum_app import client_app, config, server_app, task
+    run_config = {"strategy.method": "ilora", "strategy.residual": "server", "num-server-rounds": 2,
+                  "train.local-steps": 2, "strategy.min-nodes": 2}
+    cfg = config.parse_run_config(run_config)
+    grid = InProcessGrid(client_app.app, {101: {"partition-id": 0, "num-partitions": 2},
+                                          202: {"partition-id": 1, "num-partitions": 2}}, run_config)
+    sent = {}
+    start = FedMomentumStrategy.start
+
+    def spy(self, *, grid, initial_arrays, **kw):
+        sent["initial"] = initial_arrays.to_torch_state_dict()
+        return start(self, grid=grid, initial_arrays=initial_arrays, **kw)
+
+    FedMomentumStrategy.start = spy
+    try:
+        strat, result = server_app.run(grid, cfg, check=True, strategy_cls=server_app.CheckedFedMomentum)
+    finally:
+        FedMomentumStrategy.start = start
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    for key, t in sent["initial"].items():
+        if ".lora_B." in key:
+            assert float(t.norm()) > 0, key
+            torch.testing.assert_close(t.T @ t, torch.eye(t.shape[1]), atol=1e-5, rtol=0)
+    assert sorted(strat.max_abs_diff) == [1, 2]
+    assert max(strat.max_abs_diff.values()) < 1e-5, strat.max_abs_diff

@@ -135,3 +135,70 @@ def test_adapter_folders_one_output_per_distinct_client_rank(tmp_path):
     # an overwrite of this output is allowed: the per-client folders are fedmomentum's own files
     aggregate_adapters(dirs, out, [1, 2, 3], method="hetlora", overwrite=True)
     assert json.loads((out / "fedmomentum_report.json").read_text())["method"] == "hetlora"
+
+
+class _Net(torch.nn.Module):
+    """One Linear and one GPT-2 Conv1D (weight stored in x out, LoRA with fan_in_fan_out)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        g = torch.Generator().manual_seed(3)
+        self.lin = torch.nn.Linear(20, 12)
+        self.conv = Conv1D(9, 12)                      # 12 -> 9, weight 12 x 9
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(12, 20, generator=g))
+            self.conv.weight.copy_(torch.randn(12, 9, generator=g))
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.lin(x)))
+
+
+def _peft_net(target, r, fifo, use_rslora=False):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=r, lora_alpha=6, target_modules=[target], fan_in_fan_out=fifo, use_rslora=use_rslora)
+    return peft.get_peft_model(_Net().double(), cfg)
+
+
+@pytest.mark.parametrize("target, fifo, use_rslora", [("lin", False, False), ("conv", True, True)])
+def test_initialise_method_ilora_on_a_peft_model(target, fifo, use_rslora):
+    """ilora's init through a PeftModel: the output is unchanged, s·B·A is the projection of W0 onto
+    its first r columns' span (the unique part of QR, fp64 restatement), B has orthonormal columns,
+    and the layer's own (rsLoRA) scaling is used."""
+    from fedmomentum.peft import initialise_method_
+
+    r = 3
+    model = _peft_net(target, r, fifo, use_rslora)
+    layer = dict(model.named_modules())[f"base_model.model.{target}"]
+    W0 = layer.get_base_layer().weight.detach().clone()
+    W0 = W0.T if fifo else W0                          # out x in
+    x = torch.randn(5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = model(x).detach()
+    done = initialise_method_(model, "ilora")
+    assert done == [f"base_model.model.{target}"]
+    s = float(layer.scaling["default"])
+    assert s == pytest.approx(6 / r ** 0.5 if use_rslora else 6 / r)
+    B = layer.lora_B["default"].weight.detach()
+    A = layer.lora_A["default"].weight.detach()
+    W = layer.get_base_layer().weight.detach()
+    W = W.T if fifo else W
+    Q = torch.linalg.qr(W0[:, :r]).Q
+    assert torch.allclose(s * B @ A, Q @ Q.T @ W0, atol=1e-10)
+    assert torch.allclose(W + s * B @ A, W0, atol=1e-10)
+    assert torch.allclose(B.T @ B, torch.eye(r, dtype=B.dtype), atol=1e-10)
+    assert torch.allclose(model(x), before, atol=1e-10)
+
+
+def test_initialise_method_errors_leave_the_model_unchanged():
+    from fedmomentum.peft import initialise_method_
+
+    model = _peft_net("lin", 3, False)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'fedmomentum' has no round-0 initialisation"):
+        initialise_method_(model, "fedmomentum")
+    with pytest.raises(ValueError, match="no LoRA layers for adapter 'other'"):
+        initialise_method_(model, "ilora", adapter_name="other")
+    with pytest.raises(ValueError, match="unknown method|not_a_method"):
+        initialise_method_(model, "not_a_method")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k

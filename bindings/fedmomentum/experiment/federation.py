@@ -20,6 +20,7 @@ from torch import nn
 
 from fedmomentum_core import get_method
 
+from ..peft.merge import initialise_method_
 
 _OPT_STATES = ("reset", "kept")
 
@@ -176,15 +177,9 @@ class Federation:
 
     def _initialise(self) -> None:
         """The method's round-0 initialisation (``MethodSpec.init``) of every LoRA module: the
-        global adapter and base weight become (B, A, W0 − s·B·A); the model is unchanged."""
-        with torch.no_grad():
-            for n, mod in self.lora.items():
-                W = mod.get_base_layer().weight
-                r = mod.lora_A["default"].weight.shape[0]
-                B, A, W_new = self.traits.init(W.detach(), r, self.scaling(n))
-                W.copy_(W_new)
-                mod.lora_B["default"].weight.copy_(B)
-                mod.lora_A["default"].weight.copy_(A)
+        global adapter and base weight become (B, A, W0 − s·B·A); the model is unchanged
+        (:func:`fedmomentum.peft.initialise_method_`, what a Flower app calls too)."""
+        initialise_method_(self.model, self.method)
 
     def _trainable(self, rnd: int) -> list[nn.Parameter]:
         """The parameters clients train in round ``rnd``: the LoRA factors the method trains then

@@ -79,7 +79,7 @@ from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT_FILE, RESIDUAL_FILE, RE
                  SafetensorsStreamWriter, _fill_adapter_dir, _install, _tmp_next_to, check_outputs,
                  load_module_factors, load_other_tensors, load_residuals, open_adapter_files, output_transaction,
                  read_adapter_config, report_json, save_residuals, write_adapter_dir, write_outputs)
-from .merge import load_base_model, merge_base_model, merge_residuals_, save_model
+from .merge import initialise_method_, load_base_model, merge_base_model, merge_residuals_, save_model
 from .plan import (AdapterPlan, ModelPlan, ModuleSpec, RESIDUAL_MODES, aggregate_adapter_module, aggregate_plan,
                    check_adapter_args, check_adapter_paths, plan_adapters, plan_modules)
 
@@ -87,7 +87,7 @@ __all__ = [
     "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "RESIDUAL_FILE", "AdapterPlan", "read_adapter_config",
     "plan_adapters", "load_module_factors", "aggregate_adapter_module", "write_adapter_dir",
     "SafetensorsStreamWriter",
-    "save_residuals", "load_residuals", "merge_residuals_", "merge_base_model", "aggregate_adapters",
+    "save_residuals", "load_residuals", "merge_residuals_", "initialise_method_", "merge_base_model", "aggregate_adapters",
     "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
     "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES", "write_outputs",
     "output_transaction", "check_outputs", "write_per_client_dirs",

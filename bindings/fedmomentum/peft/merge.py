@@ -14,7 +14,8 @@ from fedmomentum_core.types import LowRank
 from .io import PathLike, load_residuals
 from .rules import module_path_candidates, relative_module_name
 
-__all__ = ["find_base_weight", "merge_residuals_", "load_base_model", "save_model", "merge_base_model"]
+__all__ = ["find_base_weight", "merge_residuals_", "initialise_method_", "load_base_model", "save_model",
+           "merge_base_model"]
 
 
 def find_base_weight(modules: Mapping[str, torch.nn.Module], name: str) -> Optional[torch.Tensor]:
@@ -69,6 +70,57 @@ def merge_residuals_(model: torch.nn.Module, residuals: Union[Mapping[str, LowRa
             if lr.rank:
                 merge_residual_(w.data, lr.to(w.device))
     return model
+
+
+def initialise_method_(model: torch.nn.Module, method: str, adapter_name: str = "default") -> list[str]:
+    """Apply a method's round-0 initialisation (``METHODS[method].init``, e.g. ilora's QR
+    initialisation) to every LoRA layer of a PeftModel, in place: the layer's base weight W0 and its
+    factors become (W0 − s·B·A, B, A), so the model's output is unchanged.
+
+    The initialisation is deterministic in W0, so a federation applies it once on the server
+    (before sending the initial adapter) and on every client's copy of the same base model, and all
+    agree. ``s`` is the layer's own PEFT scaling for ``adapter_name``; ``fan_in_fan_out`` layers
+    (GPT-2 ``Conv1D``) are handled in the orientation ``out x in``. Every layer is computed before
+    any is written, so an error leaves the model unchanged. Returns the names of the layers
+    initialised. Raises ValueError for a method without an initialisation, a model without LoRA
+    layers for ``adapter_name``, or a LoRA layer this cannot initialise (embedding, convolution).
+    """
+    from fedmomentum_core import get_method
+
+    spec = get_method(method)
+    if spec.init is None:
+        raise ValueError(f"method {spec.name!r} has no round-0 initialisation (METHODS[{spec.name!r}].init "
+                         "is None); nothing to apply")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a PeftModel (torch.nn.Module), got {type(model).__name__}")
+    todo = []
+    for name, mod in model.named_modules():
+        lora_A = getattr(mod, "lora_A", None)
+        emb = getattr(mod, "lora_embedding_A", None)
+        if emb is not None and adapter_name in emb:
+            raise ValueError(f"{name}: {spec.name} initialisation of an embedding LoRA layer is not supported")
+        if lora_A is None or adapter_name not in lora_A:
+            continue
+        A_mod, B_mod = lora_A[adapter_name], mod.lora_B[adapter_name]
+        if not isinstance(A_mod, torch.nn.Linear) or not isinstance(B_mod, torch.nn.Linear):
+            raise ValueError(f"{name}: {spec.name} initialisation needs a Linear/Conv1D LoRA layer, "
+                             f"got {type(A_mod).__name__} factors")
+        W = mod.get_base_layer().weight
+        fan_in_fan_out = bool(getattr(mod, "fan_in_fan_out", False))
+        W0 = (W.T if fan_in_fan_out else W).detach()
+        r = A_mod.weight.shape[0]
+        s = float(mod.scaling[adapter_name])
+        with torch.no_grad():
+            B, A, W_new = spec.init(W0, r, s)
+        todo.append((name, W, fan_in_fan_out, W_new, A_mod.weight, A, B_mod.weight, B))
+    if not todo:
+        raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")
+    with torch.no_grad():
+        for _, W, fifo, W_new, a, A, b, B in todo:
+            W.copy_(W_new.T if fifo else W_new)
+            a.copy_(A)
+            b.copy_(B)
+    return [t[0] for t in todo]
 
 
 def load_base_model(base_model: PathLike):

@@ -9,7 +9,8 @@ train message says which (``fedmomentum.flower.TRAIN_FACTORS_KEY``) and the same
 the other one (``requires_grad=False``); :func:`.task.train` optimises only parameters with
 ``requires_grad``. For methods whose clients keep their own B (fedsa_lora: the server sends
 lora_A only), the node keeps its trained lora_B in ``context.state`` and puts it back after
-``apply_server_update``.
+``apply_server_update``. For methods with a round-0 initialisation (ilora), every fresh base
+model gets it first (``fedmomentum.peft.initialise_method_``), as the server's model did.
 
 Node config (``flower-supernode --node-config "..."``; in the simulation Flower sets both):
 ``partition-id`` and ``num-partitions`` pick this node's data. Two more keys exist for the
@@ -27,6 +28,7 @@ from peft import set_peft_model_state_dict
 
 import fedmomentum
 from fedmomentum.flower import TRAIN_FACTORS_KEY, apply_server_update
+from fedmomentum.peft import initialise_method_
 
 from . import artifacts, task
 from .config import parse_run_config
@@ -57,6 +59,10 @@ def _restore_own_factors(model, msg: Message, context: Context) -> None:
 def _setup(msg: Message, context: Context):
     cfg = parse_run_config(context.run_config)
     model = task.build_model(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if fedmomentum.METHODS[cfg.method].init is not None:
+        # the method's round-0 initialisation of the base (deterministic: the server did the same
+        # to its copy before sending the initial adapter), before the shipped residuals are merged
+        initialise_method_(model, cfg.method)
     info = apply_server_update(model, msg.content, state=context.state)
     _restore_own_factors(model, msg, context)
     part = int(context.node_config.get("partition-id", 0))

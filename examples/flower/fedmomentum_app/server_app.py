@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 import fedmomentum
 from fedmomentum.flower import FedMomentumStrategy, weight_key
+from fedmomentum.peft import initialise_method_
 
 from . import artifacts, task
 from .config import KEYS, AppConfig, parse_run_config
@@ -114,6 +115,8 @@ def build_strategy(cfg: AppConfig, model, strategy_cls=None) -> FedMomentumStrat
 def run(grid: Grid, cfg: AppConfig, *, check: bool = True, strategy_cls=None):
     """Run ``cfg.num_server_rounds`` rounds; returns ``(strategy, result)``."""
     model = task.build_model(r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if fedmomentum.METHODS[cfg.method].init is not None:  # e.g. ilora: the clients do the same
+        initialise_method_(model, cfg.method)
     strategy = build_strategy(cfg, model, strategy_cls)
     if cfg.output_dir:
         out = Path(cfg.output_dir) / "server"
