@@ -467,10 +467,7 @@ def _assemble_and_write(aplan: _peft.AdapterPlan, results: list[ModuleResult], o
     with _peft.output_transaction(out_dir, merged_out if merge else None, overwrite=overwrite,
                                   adapter_dirs=list(adapter_dirs),
                                   base_model=base_model if merge else None) as txn:
-        rep = _peft.report_json(agg)
-        rep["round_id"] = txn.round_id
-        if agg.per_client:
-            rep["per_client_dirs"] = _peft.write_per_client_dirs(txn.tmp("adapter"), agg, plan)
+        rep = _peft.round_report(agg, txn, plan)
         _peft.write_outputs(out_dir, state, cfg, residuals if residual == "save" else None, rep,
                             stream_residuals=not keep_residuals, base_model=base_model if merge else None,
                             merged_residuals=residuals if merge else None,

@@ -101,6 +101,7 @@ from flwr.supercore import log
 
 import fedmomentum
 from fedmomentum_core import SOLVERS, LowRank, get_method
+from fedmomentum_core.validate import all_finite
 
 from .peft import merge as _merge
 from .peft import rules as _rules
@@ -471,45 +472,37 @@ class FedMomentumStrategy(FedAvg):
             return {}
         if not isinstance(given, Mapping):
             raise TypeError(f"method_options must be a dict (option name -> value), got {type(given).__name__}")
-        names = {o.name for o in spec.options}
         for key in given:
-            if key in names and key in _ROUND_OPTIONS:
+            if spec.takes(key) and key in _ROUND_OPTIONS:
                 raise ValueError(
                     f"method {spec.name!r}: method_options[{key!r}] is set by FedMomentumStrategy every "
                     f"round (round = Flower's server_round, reference = the adapter the round started "
                     f"from); leave it out")
-            if key in names and key in _PER_CLIENT_OPTIONS:
+            if spec.takes(key) and key in _PER_CLIENT_OPTIONS:
                 raise ValueError(
                     f"method {spec.name!r}: method_options[{key!r}] is not supported with Flower: it is "
                     f"indexed by client position, and which node is the k-th reply changes every round; "
                     f"each node keeps its own rank (the rank of the adapter it replies with)")
         probe = dict(given)
-        if "round" in names:
+        if spec.takes("round"):
             probe["round"] = 0   # a placeholder for the check only; the strategy passes server_round
         resolved = spec.resolve_options(probe)   # unknown keys, bad values: ValueError naming the method
         return {k: resolved[k] for k in given}
 
     def _round_options(self, server_round: int, start: Optional[ArrayRecord]) -> Optional[dict]:
         """The ``method_options`` of round ``server_round``: the static ones, plus ``round`` and
-        ``reference`` (``start``: the adapter configure_train sent) when the method takes them.
-        None for a method without options."""
-        names = {o.name for o in self._spec.options}
-        if not names:
+        ``reference`` (``start``: the adapter configure_train sent; without it the latest global
+        adapter) when the method takes them (``MethodSpec.loop_options``). None for a method
+        without options."""
+        if not self._spec.options:
             return None
-        opts = dict(self.method_options)
-        if "round" in names:
-            opts["round"] = int(server_round)
-        if "reference" in names:
-            if start is not None:
-                sd = start.to_torch_state_dict()
-            elif self._adapter is not None:   # no configure_train seen: the latest global adapter
-                sd = self._adapter
-            else:
-                sd = None
+        ref = None
+        if self._spec.takes("reference"):
+            sd = start.to_torch_state_dict() if start is not None else self._adapter
             if sd is not None:
-                opts["reference"] = _rules.adapter_pairs(
+                ref = _rules.adapter_pairs(
                     sd, where=f"round {server_round}'s reference (the adapter configure_train sent)")
-        return opts
+        return {**self.method_options, **self._spec.loop_options(server_round, ref)}
 
     # ---------------------------------------------------------------- logging
     def summary(self) -> None:
@@ -601,7 +594,7 @@ class FedMomentumStrategy(FedAvg):
         factors to train (:data:`TRAIN_FACTORS_KEY`) and, for per-client methods, each node's own
         adapter."""
         self._expected = {k: tuple(v.shape) for k, v in arrays.items()}
-        if any(o.name == "reference" for o in self._spec.options):
+        if self._spec.takes("reference"):
             self._round_start = {server_round: arrays}   # the reference of this round's aggregation
         msgs = self._attach_method(super().configure_train(server_round, arrays, config, grid),
                                    server_round)
@@ -670,7 +663,7 @@ class FedMomentumStrategy(FedAvg):
             mod = _module_of(key)
             if not t.dtype.is_floating_point:
                 raise _BadReply(f"{key!r} has dtype {t.dtype}; expected a floating dtype")
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise _BadReply(f"{key!r} has non-finite values")
             if ref is not None and mod is None and tuple(t.shape) != ref[key]:
                 raise _BadReply(f"{key!r} has shape {tuple(t.shape)}, expected {ref[key]}")

@@ -110,6 +110,21 @@ class MethodSpec:
                              f"pass the round (an int >= 0), got {round!r}")
         return frozenset(self.trains_by_round(round))
 
+    def takes(self, option: str) -> bool:
+        """True when ``option`` is one of the method's :attr:`options`."""
+        return any(o.name == option for o in self.options)
+
+    def loop_options(self, round: int, reference: Optional[Mapping] = None) -> dict:
+        """The options a federated loop supplies itself, for those this method takes: ``round``
+        (the server round) and ``reference`` (the global adapter the round started from,
+        module -> (B, A); left out when None). Empty for a method that takes neither."""
+        out: dict = {}
+        if self.takes("round"):
+            out["round"] = int(round)
+        if self.takes("reference") and reference is not None:
+            out["reference"] = {n: tuple(pair) for n, pair in reference.items()}
+        return out
+
     def resolve_options(self, given: Optional[Mapping] = None) -> Mapping:
         """``given`` checked against :attr:`options`, defaults filled in: a new dict (picklable).
         ValueError naming the method and the options it accepts for an unknown or missing one."""

@@ -136,8 +136,8 @@ class Federation:
         self.head_params = {n: p for n, p in model.named_parameters()
                             if "modules_to_save" in n and p.requires_grad}
         self.client_B: dict[int, dict[str, torch.Tensor]] = {}  # fedsa_lora: each client's own B
-        if self.traits.init is not None:
-            self._initialise()
+        if self.traits.init is not None:  # the method's round-0 initialisation (ILoRA's QR):
+            initialise_method_(model, method)  # adapter and base become (B, A, W0 − s·B·A)
         self.init_B = {n: B for n, (B, _) in self.adapter().items()}  # PEFT's B = 0 (or the init's)
         self.opt_state: dict[int, dict] = {}
         self.pending: dict[str, list] = {}  # fedmomentum with merge_every > 1
@@ -175,12 +175,6 @@ class Federation:
             for n, t in head.items():
                 self.head_params[n].copy_(t)
 
-    def _initialise(self) -> None:
-        """The method's round-0 initialisation (``MethodSpec.init``) of every LoRA module: the
-        global adapter and base weight become (B, A, W0 − s·B·A); the model is unchanged
-        (:func:`fedmomentum.peft.initialise_method_`, what a Flower app calls too)."""
-        initialise_method_(self.model, self.method)
-
     def _trainable(self, rnd: int) -> list[nn.Parameter]:
         """The parameters clients train in round ``rnd``: the LoRA factors the method trains then
         (``trains_in(rnd)``; the others frozen) and the head."""
@@ -194,16 +188,10 @@ class Federation:
         return params + list(self.head_params.values())
 
     def method_options(self, rnd: int, reference: Optional[dict] = None) -> Optional[dict]:
-        """The options the method declares that the loop knows: ``round`` (the server round) and
-        ``reference`` (the global adapter the round started from, module -> (B, A)); None when
-        the method takes neither."""
-        names = {o.name for o in self.traits.options}
-        mo: dict[str, Any] = {}
-        if "round" in names:
-            mo["round"] = rnd
-        if "reference" in names and reference is not None:
-            mo["reference"] = {n: tuple(pair) for n, pair in reference.items()}
-        return mo or None
+        """The options the method declares that the loop knows (``MethodSpec.loop_options``):
+        ``round`` (the server round) and ``reference`` (the global adapter the round started from,
+        module -> (B, A)); None when the method takes neither."""
+        return self.traits.loop_options(rnd, reference) or None
 
     def _client_seed(self, rnd: int, k: int) -> int:
         return (self.seed * 1_000_003 + rnd * 10_007 + k) % (2 ** 31)

@@ -90,8 +90,20 @@ __all__ = [
     "save_residuals", "load_residuals", "merge_residuals_", "initialise_method_", "merge_base_model", "aggregate_adapters",
     "ModelPlan", "ModuleSpec", "plan_modules", "aggregate_plan", "check_adapter_args", "check_adapter_paths",
     "open_adapter_files", "load_other_tensors", "report_json", "RESIDUAL_MODES", "write_outputs",
-    "output_transaction", "check_outputs", "write_per_client_dirs",
+    "output_transaction", "check_outputs", "write_per_client_dirs", "round_report",
 ]
+
+def round_report(agg: ModelAggregation, txn, plan) -> dict:
+    """The ``fedmomentum_report.json`` of a round written through ``txn`` (an open
+    :func:`output_transaction`): :func:`report_json` plus the transaction's ``round_id`` and, for
+    methods with the ``per_client`` trait, ``per_client_dirs`` (the ``rank_<r>/`` folders, written
+    here into the adapter's temporary folder by :func:`write_per_client_dirs`)."""
+    rep = report_json(agg)
+    rep["round_id"] = txn.round_id
+    if agg.per_client:
+        rep["per_client_dirs"] = write_per_client_dirs(txn.tmp("adapter"), agg, plan)
+    return rep
+
 
 def write_per_client_dirs(folder, agg: ModelAggregation, plan) -> dict:
     """Methods with the ``per_client`` trait (flexlora, hetlora): one PEFT adapter folder per distinct
@@ -229,10 +241,7 @@ def aggregate_adapters(adapter_dirs: Sequence[PathLike], out_dir: PathLike, weig
             if writer is not None:
                 writer.abort()
             raise
-        rep = report_json(agg)
-        rep["round_id"] = txn.round_id
-        if agg.per_client:
-            rep["per_client_dirs"] = write_per_client_dirs(tmp, agg, aplan.plan)
+        rep = round_report(agg, txn, aplan.plan)
         _fill_adapter_dir(tmp, agg.state_dict, agg.config,
                           agg.residuals if (residual == "save" and keep_residuals) else None, rep)
         if merge:

@@ -10,6 +10,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from fedmomentum_core.types import LowRank
+from fedmomentum_core.validate import all_finite
 
 from .io import PathLike, load_residuals
 from .rules import module_path_candidates, relative_module_name
@@ -62,7 +63,7 @@ def merge_residuals_(model: torch.nn.Module, residuals: Union[Mapping[str, LowRa
         if tuple(w.shape) != lr.shape:
             raise ValueError(f"residual for module {name!r} is {lr.shape[0]} x {lr.shape[1]} but the module's "
                              f"weight is {tuple(w.shape)}")
-        if not bool(torch.isfinite(lr.left).all()) or not bool(torch.isfinite(lr.right).all()):
+        if not all_finite(lr.left) or not all_finite(lr.right):
             raise ValueError(f"residual for module {name!r} has NaN/Inf entries")
         todo.append((w, lr))
     with torch.no_grad():
